@@ -1,0 +1,59 @@
+"""Curation config: ``configs/curation/default.yaml`` <- an experiment YAML <- ``key=value``.
+
+The project's config loader does the merging and validation (an unknown key is an error that
+names it), so curation and training configs behave the same way.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from dinov2_repro.config import ConfigError, load_config
+
+CURATION_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "curation"
+DEFAULT_CONFIG = CURATION_CONFIG_DIR / "default.yaml"
+
+__all__ = ["ConfigError", "DEFAULT_CONFIG", "load_curation_config", "save_resolved"]
+
+
+def load_curation_config(config_file: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    cfg = load_config(config_file, overrides, defaults_file=DEFAULT_CONFIG)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: DictConfig) -> None:
+    """Value checks the type validation cannot do; each error names the key and value."""
+    def fail(key: str, message: str) -> None:
+        raise ConfigError(f"config key {key!r} = {OmegaConf.select(cfg, key)!r}: {message}")
+
+    if cfg.tile.size <= 0:
+        fail("tile.size", "must be positive")
+    if cfg.tile.stride <= 0:
+        fail("tile.stride", "must be positive")
+    if not 0.0 <= cfg.tile.max_invalid_fraction <= 1.0:
+        fail("tile.max_invalid_fraction", "must be in [0, 1]")
+    if cfg.dedup.k < 1:
+        fail("dedup.k", "must be >= 1")
+    for key in ("dedup.threshold", "dedup.relative_threshold"):
+        if not -1.0 <= OmegaConf.select(cfg, key) <= 1.0:
+            fail(key, "a cosine threshold must be in [-1, 1]")
+    if cfg.dedup.keep_policy not in ("largest", "first"):
+        fail("dedup.keep_policy", "must be 'largest' or 'first'")
+    if cfg.retrieve.mode not in ("none", "sample", "cluster"):
+        fail("retrieve.mode", "must be 'none', 'sample' or 'cluster'")
+    if any(int(k) < 1 for k in cfg.cluster.levels):
+        fail("cluster.levels", "every level needs >= 1 cluster")
+    if cfg.embed.shard_size < 1:
+        fail("embed.shard_size", "must be >= 1")
+    if cfg.embed.num_procs < 1:
+        fail("embed.num_procs", "must be >= 1")
+
+
+def save_resolved(cfg: DictConfig, output_dir: str | os.PathLike) -> Path:
+    from .io import atomic_write_text
+
+    return atomic_write_text(Path(output_dir) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -1,0 +1,141 @@
+"""The ``tile`` stage: GeoTIFF scenes -> windows referenced in a pool manifest (no pixel copies).
+
+One shard per scene (``pool/tiles/<scene_id>.jsonl``) is written atomically and skipped when it
+exists, so a killed run resumes scene by scene; the pool manifest is their concatenation.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .io import atomic_write_json, portable_path, read_manifest, write_manifest
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def tile_windows(width: int, height: int, size: int, stride: int) -> Iterator[tuple[int, int, int, int]]:
+    """Full size x size windows every ``stride`` pixels (a partial border strip is not a tile)."""
+    for row_off in range(0, height - size + 1, stride):
+        for col_off in range(0, width - size + 1, stride):
+            yield (col_off, row_off, size, size)
+
+
+def invalid_fraction(pixels: np.ndarray, nodata: float | None, mask: np.ndarray | None = None) -> float:
+    """Fraction of pixels where any band is nodata / not finite / masked out (``mask`` 0)."""
+    bad = ~np.isfinite(pixels).all(axis=0)
+    if nodata is not None and not np.isnan(nodata):
+        bad |= (pixels == nodata).any(axis=0)
+    if mask is not None:
+        bad |= (mask == 0).any(axis=0)
+    return float(bad.mean())
+
+
+def scene_id_of(path: Path) -> str:
+    return path.stem
+
+
+def tile_scene(
+    scene: str | Path,
+    *,
+    size: int,
+    stride: int,
+    bands: Sequence[int] | None,
+    max_invalid_fraction: float,
+    nodata: float | None,
+    manifest_dir: str | Path,
+) -> tuple[list[dict], dict]:
+    """Manifest rows of the valid tiles of one scene, and counts for the report."""
+    import rasterio
+    from rasterio.windows import Window
+    from rasterio.windows import bounds as window_bounds
+
+    scene = Path(scene)
+    if not scene.is_file():
+        raise FileNotFoundError(f"tile.scenes: scene {scene} does not exist")
+    with rasterio.open(scene) as src:
+        band_list = list(bands) if bands else list(range(1, src.count + 1))
+        bad = [b for b in band_list if not 1 <= int(b) <= src.count]
+        if bad:
+            raise ValueError(f"tile.bands: {bad} out of range for {scene} with {src.count} bands (1-based)")
+        scene_nodata = nodata if nodata is not None else src.nodata
+        crs = src.crs.to_string() if src.crs else None
+        gsd = float(abs(src.transform.a)) if src.transform else None
+        # One read of the scene: far faster than a read per window for the scene sizes tiled here.
+        pixels = src.read(band_list)
+        masks = np.stack([src.read_masks(b) for b in band_list])
+        rows, dropped = [], 0
+        for window in tile_windows(src.width, src.height, size, stride):
+            col, row, w, h = window
+            frac = invalid_fraction(pixels[:, row : row + h, col : col + w], scene_nodata, masks[:, row : row + h, col : col + w])
+            if frac > max_invalid_fraction:
+                dropped += 1
+                continue
+            entry = {
+                "path": portable_path(scene, manifest_dir),
+                "window": list(window),
+                "bands": [int(b) for b in band_list],
+                "scene_id": scene_id_of(scene),
+                "crs": crs,
+                "bounds": list(window_bounds(Window(*window), src.transform)) if crs else None,
+                "gsd": gsd,
+                "width": w,
+                "height": h,
+                "invalid_fraction": round(frac, 6),
+                "provenance": {"stage": "tile", "reason": f"invalid fraction {frac:.3f} <= {max_invalid_fraction}"},
+            }
+            rows.append(entry)
+    return rows, {"scene": str(scene), "tiles": len(rows), "dropped_invalid": dropped}
+
+
+def image_rows(folder: str | Path, manifest_dir: str | Path) -> list[dict]:
+    """Whole images of a folder (sorted, recursive) as manifest rows with their size."""
+    from PIL import Image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"pool.folders: {folder} is not a directory")
+    rows = []
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        with Image.open(path) as image:
+            width, height = image.size
+        rows.append({
+            "path": portable_path(path, manifest_dir), "width": width, "height": height,
+            "provenance": {"stage": "tile", "reason": f"image file in {folder}"},
+        })
+    return rows
+
+
+def run_tile(*, scenes: Sequence[str], folders: Sequence[str], size: int, stride: int, bands: Sequence[int] | None,
+             max_invalid_fraction: float, nodata: float | None, pool_dir: str | Path) -> Path:
+    """Tile every scene (resumable per scene), add folder images, write ``pool/manifest.jsonl``."""
+    pool_dir = Path(pool_dir)
+    shard_dir = pool_dir / "tiles"
+    ids = [scene_id_of(Path(s)) for s in scenes]
+    duplicates = {i for i in ids if ids.count(i) > 1}
+    if duplicates:
+        raise ValueError(f"tile.scenes: several scenes share the scene id(s) {sorted(duplicates)} (file stem); rename them")
+    rows, stats = [], []
+    for scene, scene_id in zip(scenes, ids):
+        shard = shard_dir / f"{scene_id}.jsonl"
+        if shard.is_file():
+            log.info("tile: %s already done, skipped", scene_id)
+            scene_rows = read_manifest(shard)
+            stats.append({"scene": str(scene), "tiles": len(scene_rows), "resumed": True})
+        else:
+            scene_rows, scene_stats = tile_scene(scene, size=size, stride=stride, bands=bands,
+                                                 max_invalid_fraction=max_invalid_fraction, nodata=nodata,
+                                                 manifest_dir=pool_dir)
+            write_manifest(shard, scene_rows)
+            stats.append(scene_stats)
+        rows.extend(scene_rows)
+    for folder in folders:
+        rows.extend(image_rows(folder, pool_dir))
+    if not rows:
+        raise ValueError("tile: the pool is empty (no valid tiles in tile.scenes and no images in pool.folders)")
+    atomic_write_json(pool_dir / "tile_stats.json", stats)
+    return write_manifest(pool_dir / "manifest.jsonl", rows)

@@ -1,0 +1,359 @@
+"""Where this process sits in a distributed job, and the default process group.
+
+Sources, in order of precedence (``detect_env``):
+
+1. **Slurm** task (``srun``/submitit): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
+   SLURM_NTASKS_PER_NODE or SLURM_TASKS_PER_NODE, the first host of the step/job node
+   list as master address and a master port derived from SLURM_JOB_ID (every task of
+   the job computes the same one without talking to the others).
+2. **torchrun** (or ``launch.local.run_local``): RANK, WORLD_SIZE, LOCAL_RANK,
+   LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
+3. **single** process.
+
+When both Slurm and torchrun variables are present, torchrun's win if the Slurm
+allocation has a single task (torchrun started inside a one-task job/step spawned the
+ranks itself), or if a launcher inside the Slurm task says it set them
+(TORCHELASTIC_RUN_ID from torchrun, DINOV2_LAUNCHER=local from run_local). Otherwise
+Slurm's win: torchrun variables in a multi-task Slurm step are leftovers exported from
+the submitting shell (sbatch forwards the whole environment).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal, Mapping
+
+import torch
+import torch.distributed as dist
+
+Source = Literal["slurm", "torchrun", "single"]
+
+# Slurm master ports live below Linux's ephemeral range (32768-60999) so that they do
+# not collide with ports the kernel hands out to outgoing connections.
+SLURM_PORT_BASE = 12000
+SLURM_PORT_SPAN = 20000
+DEFAULT_TIMEOUT_S = 1800.0
+LOCAL_LAUNCHER_VAR = "DINOV2_LAUNCHER"
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistributedEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    source: Source
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# --------------------------------------------------------------------------- detection
+def _int_var(environ: Mapping[str, str], key: str, default: int | None = None) -> int:
+    raw = environ.get(key)
+    if raw is None or raw == "":
+        if default is None:
+            raise ValueError(f"environment variable {key} is required but not set")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {key}={raw!r} is not an integer") from None
+
+
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """Expand Slurm's compressed per-node task counts, e.g. ``"2(x3),1"`` -> [2, 2, 2, 1]."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if match is None:
+            raise ValueError(f"cannot parse SLURM_TASKS_PER_NODE={spec!r} (part {part!r})")
+        counts.extend([int(match.group(1))] * int(match.group(2) or 1))
+    return counts
+
+
+def _split_top_level(nodelist: str) -> list[str]:
+    """Split on commas that are not inside brackets: ``a[1,3],b`` -> [``a[1,3]``, ``b``]."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(nodelist):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in node list {nodelist!r}")
+        elif char == "," and depth == 0:
+            parts.append(nodelist[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"unbalanced '[' in node list {nodelist!r}")
+    parts.append(nodelist[start:])
+    return [p for p in parts if p]
+
+
+def _expand_range_list(ranges: str, nodelist: str) -> list[str]:
+    values: list[str] = []
+    for item in ranges.split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item.strip())
+        if match is None:
+            raise ValueError(f"cannot parse range {item!r} in node list {nodelist!r}")
+        low, high = match.group(1), match.group(2)
+        if high is None:
+            values.append(low)
+            continue
+        if int(high) < int(low):
+            raise ValueError(f"descending range {item!r} in node list {nodelist!r}")
+        # Zero padding follows the lower bound, as Slurm writes it: node[08-10].
+        values.extend(f"{n:0{len(low)}d}" for n in range(int(low), int(high) + 1))
+    return values
+
+
+def parse_nodelist(nodelist: str) -> list[str]:
+    """Host names of a Slurm node list such as ``gpu[01-03,07],cpu-a[1-2]x[5-6],login``."""
+    hosts: list[str] = []
+    for group in _split_top_level(nodelist.strip()):
+        names = [""]
+        for literal, ranges in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", group):
+            names = [n + literal for n in names]
+            if ranges:
+                names = [n + v for n in names for v in _expand_range_list(ranges, nodelist)]
+        hosts.extend(names)
+    if not hosts:
+        raise ValueError(f"empty Slurm node list {nodelist!r}")
+    return hosts
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a node list: the parser, else ``scontrol show hostnames`` for forms it does not know."""
+    try:
+        return parse_nodelist(nodelist)[0]
+    except ValueError as parse_error:
+        scontrol = shutil.which("scontrol")
+        if scontrol is None:
+            raise
+        result = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        lines = result.stdout.split()
+        if result.returncode != 0 or not lines:
+            raise ValueError(f"cannot expand Slurm node list {nodelist!r}: {parse_error}; scontrol: {result.stderr.strip()}") from None
+        return lines[0]
+
+
+def slurm_master_port(job_id: int) -> int:
+    return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
+
+
+def _has_slurm_task(environ: Mapping[str, str]) -> bool:
+    return "SLURM_PROCID" in environ and ("SLURM_NTASKS" in environ or "SLURM_NPROCS" in environ)
+
+
+def _torchrun_wins_in_slurm(environ: Mapping[str, str]) -> bool:
+    ntasks = _int_var(environ, "SLURM_NTASKS", _int_var(environ, "SLURM_NPROCS", 1))
+    return ntasks == 1 or "TORCHELASTIC_RUN_ID" in environ or environ.get(LOCAL_LAUNCHER_VAR) == "local"
+
+
+def _from_slurm(environ: Mapping[str, str]) -> DistributedEnv:
+    world_size = _int_var(environ, "SLURM_NTASKS", _int_var(environ, "SLURM_NPROCS", 1))
+    rank = _int_var(environ, "SLURM_PROCID")
+    local_rank = _int_var(environ, "SLURM_LOCALID", 0)
+    if "SLURM_NTASKS_PER_NODE" in environ:
+        local_world_size = _int_var(environ, "SLURM_NTASKS_PER_NODE")
+    elif environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE"):
+        key = "SLURM_STEP_TASKS_PER_NODE" if environ.get("SLURM_STEP_TASKS_PER_NODE") else "SLURM_TASKS_PER_NODE"
+        per_node = expand_tasks_per_node(environ[key])
+        node_id = _int_var(environ, "SLURM_NODEID", 0)
+        if node_id >= len(per_node):
+            raise ValueError(f"SLURM_NODEID={node_id} but {key}={environ[key]!r} lists {len(per_node)} nodes")
+        local_world_size = per_node[node_id]
+    else:
+        local_world_size = world_size // max(1, _int_var(environ, "SLURM_JOB_NUM_NODES", 1))
+    nodelist_key = next((k for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if environ.get(k)), None)
+    if nodelist_key is None:
+        if world_size > 1:
+            raise ValueError("Slurm task with SLURM_NTASKS > 1 but no SLURM_JOB_NODELIST/SLURM_NODELIST: cannot find the master host")
+        master_addr = "127.0.0.1"
+    else:
+        master_addr = first_host(environ[nodelist_key])
+    master_port = slurm_master_port(_int_var(environ, "SLURM_JOB_ID", 0))
+    return DistributedEnv(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world_size,
+                          master_addr=master_addr, master_port=master_port, source="slurm")
+
+
+def _from_torchrun(environ: Mapping[str, str]) -> DistributedEnv:
+    world_size = _int_var(environ, "WORLD_SIZE")
+    rank = _int_var(environ, "RANK")
+    master_addr = environ.get("MASTER_ADDR", "")
+    if not master_addr:
+        if world_size > 1:
+            raise ValueError(f"WORLD_SIZE={world_size} but MASTER_ADDR is not set")
+        master_addr = "127.0.0.1"
+    master_port = _int_var(environ, "MASTER_PORT", None if world_size > 1 else 0)
+    return DistributedEnv(rank=rank, world_size=world_size, local_rank=_int_var(environ, "LOCAL_RANK", rank),
+                          local_world_size=_int_var(environ, "LOCAL_WORLD_SIZE", world_size),
+                          master_addr=master_addr, master_port=master_port, source="torchrun")
+
+
+def detect_env(environ: Mapping[str, str] | None = None) -> DistributedEnv:
+    """Read rank and world layout from ``environ`` (default: ``os.environ``); see the module doc."""
+    environ = os.environ if environ is None else environ
+    has_torchrun = "WORLD_SIZE" in environ and "RANK" in environ
+    if _has_slurm_task(environ) and not (has_torchrun and _torchrun_wins_in_slurm(environ)):
+        env = _from_slurm(environ)
+    elif has_torchrun:
+        env = _from_torchrun(environ)
+    else:
+        env = DistributedEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
+                             master_port=_int_var(environ, "MASTER_PORT", 0), source="single")
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size:
+        raise ValueError(f"invalid {env.source} layout: rank={env.rank} world_size={env.world_size}")
+    if env.local_world_size < 1 or not 0 <= env.local_rank < env.local_world_size:
+        raise ValueError(f"invalid {env.source} layout: local_rank={env.local_rank} local_world_size={env.local_world_size}")
+    if not 0 <= env.master_port < 65536:
+        raise ValueError(f"invalid {env.source} master port {env.master_port}")
+    return env
+
+
+# --------------------------------------------------------------------------- process group
+_STATE: dict[str, object] = {}
+
+
+def choose_backend(*, cuda_available: bool) -> str:
+    """NCCL when the ranks drive GPUs, gloo on CPU (NCCL has no CPU tensors)."""
+    return "nccl" if cuda_available else "gloo"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _select_cuda_device(env: DistributedEnv) -> int:
+    count = torch.cuda.device_count()
+    if count >= env.local_world_size:
+        device = env.local_rank
+    elif count == 1:
+        device = 0  # Slurm bound one GPU to each task (--gpus-per-task / --gpu-bind)
+    else:
+        raise RuntimeError(f"{env.local_world_size} ranks on this node but only {count} visible CUDA devices")
+    torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(*, backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     force_process_group: bool = False, environ: Mapping[str, str] | None = None) -> DistributedEnv:
+    """Detect the layout, export the variables torch's ``env://`` needs, and join the job.
+
+    A process group is created when world_size > 1, or with ``force_process_group=True``
+    for a single process (code paths that always call collectives). A single process
+    without it is fine: the helpers below answer rank 0 / world 1 and barrier() is a no-op.
+    ``backend=None`` picks NCCL when CUDA is available (and sets this rank's device from
+    local_rank), gloo otherwise. Calling it again returns the first result.
+    """
+    if "env" in _STATE:
+        return _STATE["env"]  # type: ignore[return-value]
+    env = detect_env(environ)
+    cuda = torch.cuda.is_available()
+    backend = backend or choose_backend(cuda_available=cuda)
+    if env.master_port == 0:
+        env = dataclasses.replace(env, master_port=_free_port())
+    os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
+                       "LOCAL_WORLD_SIZE": str(env.local_world_size), "MASTER_ADDR": env.master_addr,
+                       "MASTER_PORT": str(env.master_port)})
+    if "nccl" in backend:
+        if not cuda:
+            raise RuntimeError(f"backend {backend!r} needs CUDA, but torch.cuda.is_available() is False")
+        _select_cuda_device(env)
+    if (env.world_size > 1 or force_process_group) and not dist.is_initialized():
+        logger.info("joining process group: backend=%s rank=%d/%d master=%s:%d (from %s)", backend, env.rank,
+                    env.world_size, env.master_addr, env.master_port, env.source)
+        dist.init_process_group(backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    _STATE.update(env=env, backend=backend)
+    return env
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group (if any) and forget the cached layout."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _STATE.clear()
+
+
+def _group_active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    if _group_active():
+        return dist.get_rank()
+    env = _STATE.get("env")
+    return env.rank if isinstance(env, DistributedEnv) else 0
+
+
+def get_world_size() -> int:
+    if _group_active():
+        return dist.get_world_size()
+    env = _STATE.get("env")
+    return env.world_size if isinstance(env, DistributedEnv) else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op without a process group."""
+    if not _group_active():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------- logging
+_RANK_HANDLER_ATTR = "_dinov2_rank_handler"
+
+
+def setup_rank_logging(output_dir: str | os.PathLike, rank: int, *, name: str = "dinov2_repro",
+                       level: int = logging.INFO) -> logging.Logger:
+    """Log to ``<output_dir>/logs/rank<k>.log`` on every rank, and to the console on rank 0 only.
+
+    Calling it again (e.g. after a requeue in the same process) replaces the handlers
+    it added instead of stacking duplicates.
+    """
+    log_dir = Path(output_dir) / "logs"
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create log directory {log_dir}: {error}") from error
+    log = logging.getLogger(name)
+    for handler in [h for h in log.handlers if getattr(h, _RANK_HANDLER_ATTR, False)]:
+        log.removeHandler(handler)
+        handler.close()
+    formatter = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.FileHandler(log_dir / f"rank{rank}.log", encoding="utf-8")]
+    if rank == 0:
+        handlers.append(logging.StreamHandler(sys.stdout))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        setattr(handler, _RANK_HANDLER_ATTR, True)
+        log.addHandler(handler)
+    log.setLevel(level)
+    # Without this, records would also reach the root logger's console handler on every rank.
+    log.propagate = False
+    return log

@@ -1,0 +1,180 @@
+"""The generic training loop. It runs any meta-architecture that provides:
+
+- ``param_groups() -> list[dict]`` (with lr_multiplier / wd_multiplier / is_last_layer),
+- ``compute_losses(batch, values) -> (total_loss, {name: detached term})``,
+- ``after_optimizer_step(values)`` (the EMA),
+- ``trainable() -> nn.Module`` (what gets gradients and clipping),
+- ``export_backbone() -> nn.Module`` (what is exported as safetensors).
+
+SSL pretraining (``SSLMetaArch``) and distillation (``distill/``) both run through ``train``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ..config import save_config
+from ..distributed import DistributedEnv, detect_env, init_distributed, setup_rank_logging
+from .checkpoint import last_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .metrics import MetricsWriter, format_eta
+from .optim import apply_schedule, build_optimizer
+from .schedules import Schedules, build_schedules
+
+logger = logging.getLogger("dinov2_repro")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the run stops and leaves the last good checkpoint intact."""
+
+
+def resolve_device(name: str, env: DistributedEnv | None = None) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but CUDA is not available")
+        return torch.device("cuda", env.local_rank if env else 0)
+    if name != "cpu":
+        raise ValueError(f"train.device {name!r} unknown; choose auto, cpu or cuda")
+    return torch.device("cpu")
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def autocast_for(cfg: DictConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    dtype_name = cfg.compute_precision.param_dtype
+    if dtype_name not in _DTYPES:
+        raise ValueError(f"compute_precision.param_dtype {dtype_name!r} unknown; choose bf16, fp16 or fp32")
+    if dtype_name == "fp16" and device.type != "cuda":
+        raise ValueError("compute_precision.param_dtype=fp16 needs CUDA; use bf16 on CPU")
+    if dtype_name == "fp32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=_DTYPES[dtype_name])
+
+
+def _clip_gradients(module: nn.Module, max_norm: float) -> float:
+    if max_norm <= 0:
+        return float("nan")
+    params = [p for p in module.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    # Under FSDP2 the gradients are sharded DTensors and so is their global norm.
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def train(
+    cfg: DictConfig,
+    *,
+    build_meta_arch: Callable[[DictConfig], nn.Module],
+    build_data: Callable[[DictConfig, int, DistributedEnv], Iterator[dict[str, Any]]],
+    export: Callable[[nn.Module, Path, DictConfig], None] | None = None,
+    wrap_model: Callable[[nn.Module, DictConfig, DistributedEnv], nn.Module] | None = None,
+) -> dict[str, float]:
+    """Run (or resume) a training run in ``cfg.train.output_dir``; returns the last logged metrics.
+
+    ``build_data(cfg, start_iteration, env)`` returns an iterator of batches that continues the
+    stream exactly from ``start_iteration``."""
+    # Under a launcher (torchrun variables or Slurm) join a process group even at world size 1,
+    # so the sharded code path is the one that runs.
+    env = init_distributed(force_process_group=detect_env().source != "single")
+    run_dir = Path(cfg.train.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_rank_logging(run_dir, env.rank)
+    device = resolve_device(cfg.train.device, env)
+    torch.manual_seed(cfg.train.seed + env.rank)
+
+    model = build_meta_arch(cfg).to(device)
+    if wrap_model is not None:
+        model = wrap_model(model, cfg, env)
+    schedules: Schedules = build_schedules(cfg, world_size=env.world_size)
+    if env.rank == 0:
+        save_config(cfg, run_dir)
+    optimizer = build_optimizer(model.param_groups(), betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
+                                fused=cfg.optim.fused, device=device)
+    use_scaler = cfg.compute_precision.param_dtype == "fp16"
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    autocast = autocast_for(cfg, device)
+
+    start_iteration, restored_rng = 0, None
+    checkpoint = last_checkpoint(run_dir)
+    if checkpoint is not None:
+        meta, restored_rng = load_checkpoint(checkpoint, model=model, optimizer=optimizer, rank=env.rank)
+        if scaler is not None and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        start_iteration = int(meta["iteration"])
+        if restored_rng is None:  # another world size: a fresh, still deterministic stream per rank
+            torch.manual_seed(cfg.train.seed + env.rank + 1_000_003 * start_iteration)
+        logger.info("resumed from %s at iteration %d", checkpoint, start_iteration)
+
+    data = build_data(cfg, start_iteration, env)
+    # Restore RNG only after the data pipeline exists, so whatever it consumes at start-up
+    # cannot make a resumed run diverge from an uninterrupted one.
+    if restored_rng is not None:
+        set_rng_state(restored_rng)
+
+    total = schedules.total_iters
+    epoch_len = int(cfg.train.OFFICIAL_EPOCH_LENGTH)
+    ckpt_period = int(cfg.train.checkpoint_period_iterations) or int(cfg.train.saveckp_freq) * epoch_len
+    eval_period = int(cfg.evaluation.eval_period_iterations)
+    log_period = max(int(cfg.train.log_period_iterations), 1)
+    images_per_step = cfg.train.batch_size_per_gpu * env.world_size
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=env.rank == 0, tensorboard=cfg.train.tensorboard)
+    last_logged: dict[str, float] = {}
+    model.train()
+    started = time.perf_counter()
+
+    def save(iteration: int) -> None:
+        meta = {"world_size": env.world_size, "scaler": scaler.state_dict() if scaler else None,
+                "config": OmegaConf.to_container(cfg, resolve=True)}
+        save_checkpoint(run_dir, iteration, model=model, optimizer=optimizer, meta=meta, rank=env.rank,
+                        keep_last=cfg.train.keep_last_checkpoints)
+
+    for iteration in range(start_iteration, total):
+        batch = next(data)
+        values = schedules.values(iteration)
+        apply_schedule(optimizer, lr=values["lr"], wd=values["wd"], last_layer_lr=values["last_layer_lr"])
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            loss, terms = model.compute_losses(batch, values)
+        if not math.isfinite(float(loss)):
+            bad = {k: float(v) for k, v in terms.items()}
+            raise NonFiniteLossError(
+                f"non-finite total loss {float(loss)} at iteration {iteration} (terms: {bad}); "
+                f"stopping. The last good checkpoint is {last_checkpoint(run_dir)}"
+            )
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = _clip_gradients(model.trainable(), cfg.optim.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            grad_norm = _clip_gradients(model.trainable(), cfg.optim.clip_grad)
+            optimizer.step()
+        model.after_optimizer_step(values)
+
+        done = iteration + 1
+        if done % log_period == 0 or done == total:
+            elapsed = time.perf_counter() - started
+            rate = (done - start_iteration) / elapsed
+            last_logged = {"iteration": done, "total_loss": float(loss), **{k: float(v) for k, v in terms.items()},
+                           **values, "grad_norm": grad_norm, "images_per_s": rate * images_per_step,
+                           "n_skipped": int(batch.get("n_skipped", 0))}
+            metrics.write(last_logged)
+            logger.info("it %d/%d  loss %.4f  lr %.2e  %.1f img/s  eta %s", done, total, float(loss), values["lr"],
+                        rate * images_per_step, format_eta((total - done) / rate))
+        if done % ckpt_period == 0 or done == total:
+            save(done)
+        if export is not None and env.rank == 0 and (done == total or (eval_period and done % eval_period == 0)):
+            export(model.export_backbone(), run_dir, cfg)
+    metrics.close()
+    return last_logged

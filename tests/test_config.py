@@ -1,0 +1,48 @@
+import pytest
+import yaml
+
+from dinov2_repro.config import CONFIG_DIR, ConfigError, load_config, save_config
+
+
+def test_defaults_then_experiment_then_overrides(tmp_path):
+    cfg = load_config(CONFIG_DIR / "train" / "vitg14.yaml", ["train.batch_size_per_gpu=4", "optim.base_lr=1e-3"])
+    assert cfg.student.arch == "vit_giant2"  # from the experiment file
+    assert cfg.train.batch_size_per_gpu == 4  # the override wins over the experiment file (12)
+    assert cfg.optim.base_lr == pytest.approx(1e-3)
+    assert cfg.optim.adamw_beta2 == pytest.approx(0.999)  # untouched default
+    path = save_config(cfg, tmp_path)
+    assert yaml.safe_load(path.read_text())["train"]["batch_size_per_gpu"] == 4
+
+
+def test_unknown_key_names_key_and_closest():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.batch_size_per_gpuu=3"])
+    assert "train.batch_size_per_gpuu" in str(err.value)
+    assert "train.batch_size_per_gpu" in str(err.value)
+
+
+def test_unknown_key_in_experiment_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("student:\n  archh: vit_small\n")
+    with pytest.raises(ConfigError, match=r"student\.archh.*student\.arch"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("override", ["train.batch_size_per_gpu=abc", "ibot.separate_head=3", "crops.global_crops_scale=0.5",
+                                      "student.arch=5"])
+def test_wrong_type_is_an_error(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(None, [override])
+
+
+def test_int_accepted_for_float_and_malformed_override():
+    assert load_config(None, ["optim.clip_grad=1"]).optim.clip_grad == 1
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["optim.clip_grad"])
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((CONFIG_DIR / "train").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for recipe in recipes:
+        load_config(recipe)
