@@ -8,15 +8,11 @@ rotations, JPEG, colour jitter, blur, grayscale.
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
-import os
 import time
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,7 +32,8 @@ class GeM(nn.Module):
 
 
 def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    # No BatchNorm: it costs as much as the convolutions on CPU, and a net this shallow trains without it.
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.ReLU(inplace=True))
 
 
 class CopyDetectionNet(nn.Module):
@@ -47,68 +44,96 @@ class CopyDetectionNet(nn.Module):
         self.width = width
         self.embed_dim = embed_dim
         self.features = nn.Sequential(
-            _conv(3, width // 2, 2), _conv(width // 2, width, 1), _conv(width, width, 2),
-            _conv(width, 2 * width, 1), _conv(2 * width, 2 * width, 2), _conv(2 * width, 2 * width, 1),
+            # Downsample early: at 64 px the copy-relevant structure survives at 16x16, and the
+            # full-resolution layers would dominate the CPU cost.
+            _conv(3, width // 2, 2), _conv(width // 2, width, 2), _conv(width, width, 1),
+            _conv(width, 2 * width, 2), _conv(2 * width, 2 * width, 1),
         )
         self.pool = GeM()
         self.proj = nn.Linear(2 * width, embed_dim)
+        # Post-ReLU pooled features all point into one orthant, so raw cosines crowd near 1;
+        # centring and scaling each dimension (running statistics at inference) spreads them and
+        # makes a fixed cosine threshold meaningful (SSCD whitens its descriptors for the same reason).
+        self.center = nn.BatchNorm1d(embed_dim, affine=False)
 
     def forward(self, x: Tensor) -> Tensor:
         x = (x - 0.5) / 0.25
-        return F.normalize(self.proj(self.pool(self.features(x))), dim=-1)
+        return F.normalize(self.center(self.proj(self.pool(self.features(x)))), dim=-1)
 
 
-# ---- augmentations (per sample, on (3, H, W) float tensors in [0, 1]) -------------------
-def _jpeg(image: Tensor, quality: int) -> Tensor:
+# ---- augmentations (batched: per-sample Python loops cost more than the network on 2 cores) ----
+def _jpeg(batch: Tensor, qualities: list[int]) -> Tensor:
     from torchvision.io import decode_jpeg, encode_jpeg
 
-    data = encode_jpeg((image * 255).round().clamp(0, 255).to(torch.uint8), quality=quality)
-    return decode_jpeg(data).float() / 255.0
+    data = (batch * 255).round().clamp(0, 255).to(torch.uint8)
+    encoded = [encode_jpeg(img, quality=q) for img, q in zip(data, qualities)]
+    return torch.stack(decode_jpeg(encoded)).float() / 255.0
 
 
-def _colour_jitter(image: Tensor, gen: torch.Generator, strength: float = 0.4) -> Tensor:
-    def u(low: float, high: float) -> float:
-        return float(torch.empty(()).uniform_(low, high, generator=gen))
-
-    image = image * u(1 - strength, 1 + strength)  # brightness
-    mean = image.mean()
-    image = (image - mean) * u(1 - strength, 1 + strength) + mean  # contrast
-    gray = image.mean(dim=0, keepdim=True)
-    image = (image - gray) * u(1 - strength, 1 + strength) + gray  # saturation
-    image = image + torch.empty(3, 1, 1).uniform_(-0.05, 0.05, generator=gen)  # per-channel shift ~ hue
-    return image.clamp(0, 1)
+def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> Tensor:
+    return torch.empty(n).uniform_(low, high, generator=gen)
 
 
-def augment(image: Tensor, out_size: int, gen: torch.Generator) -> Tensor:
-    """One strong copy-like view of ``image`` (3, H, W) -> (3, out_size, out_size)."""
-    _, height, width = image.shape
-    rand = lambda: float(torch.rand((), generator=gen))  # noqa: E731
-    scale = 0.3 + 0.7 * rand()
-    aspect = math.exp((rand() - 0.5) * 0.6)
-    h = max(8, min(height, int(round(height * math.sqrt(scale / aspect)))))
-    w = max(8, min(width, int(round(width * math.sqrt(scale * aspect)))))
-    top = int(rand() * (height - h + 1))
-    left = int(rand() * (width - w + 1))
-    view = image[:, top : top + h, left : left + w]
-    view = F.interpolate(view[None], size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False)[0]
-    if rand() < 0.5:
-        view = view.flip(-1)
-    view = torch.rot90(view, int(rand() * 4), dims=(-2, -1))
-    if rand() < 0.8:
-        view = _colour_jitter(view, gen)
-    if rand() < 0.2:
-        view = view.mean(dim=0, keepdim=True).expand(3, -1, -1).contiguous()
-    if rand() < 0.3:
-        sigma = 0.1 + 1.4 * rand()
-        radius = 2
-        xs = torch.arange(-radius, radius + 1, dtype=torch.float32)
-        kernel = torch.exp(-(xs**2) / (2 * sigma**2))
-        kernel = kernel / kernel.sum()
-        view = F.conv2d(F.pad(view[:, None], (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-        view = F.conv2d(F.pad(view, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))[:, 0]
-    if rand() < 0.5:
-        view = _jpeg(view.clamp(0, 1), quality=int(15 + 70 * rand()))
-    return view.clamp(0, 1)
+def colour_jitter(batch: Tensor, gen: torch.Generator, strength: float = 0.4) -> Tensor:
+    """Per-sample brightness, contrast, saturation and a small per-channel shift (~hue)."""
+    n = batch.shape[0]
+    view = lambda t: t.view(n, 1, 1, 1)  # noqa: E731
+    batch = batch * view(_uniform(n, 1 - strength, 1 + strength, gen))
+    mean = batch.mean(dim=(1, 2, 3), keepdim=True)
+    batch = (batch - mean) * view(_uniform(n, 1 - strength, 1 + strength, gen)) + mean
+    gray = batch.mean(dim=1, keepdim=True)
+    batch = (batch - gray) * view(_uniform(n, 1 - strength, 1 + strength, gen)) + gray
+    batch = batch + torch.empty(n, 3, 1, 1).uniform_(-0.05, 0.05, generator=gen)
+    return batch.clamp(0, 1)
+
+
+def _blur(batch: Tensor, sigmas: Tensor) -> Tensor:
+    """Separable Gaussian blur with one sigma per sample (grouped convolution)."""
+    n, c, h, w = batch.shape
+    radius = 2
+    xs = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernels = torch.exp(-(xs[None] ** 2) / (2 * sigmas[:, None] ** 2))
+    kernels = (kernels / kernels.sum(dim=1, keepdim=True)).repeat_interleave(c, 0)
+    x = batch.reshape(1, n * c, h, w)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernels.view(n * c, 1, 1, -1), groups=n * c)
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernels.view(n * c, 1, -1, 1), groups=n * c)
+    return x.view(n, c, h, w)
+
+
+def augment_batch(images: Tensor, out_size: int, gen: torch.Generator) -> Tensor:
+    """Strong copy-like views of ``images`` (B, 3, H, W) in [0, 1] -> (B, 3, out_size, out_size):
+    random resized crop (area 0.3-1), flips, 90-degree rotations, colour jitter (p 0.8),
+    grayscale (p 0.2), blur (p 0.3), JPEG quality 15-85 (p 0.5)."""
+    from torchvision.ops import roi_align
+
+    n, _, height, width = images.shape
+    scale = _uniform(n, 0.3, 1.0, gen)
+    aspect = torch.exp(_uniform(n, -0.3, 0.3, gen))
+    h = (height * torch.sqrt(scale / aspect)).clamp(8, height)
+    w = (width * torch.sqrt(scale * aspect)).clamp(8, width)
+    top = torch.rand(n, generator=gen) * (height - h)
+    left = torch.rand(n, generator=gen) * (width - w)
+    boxes = torch.stack([torch.arange(n, dtype=torch.float32), left, top, left + w, top + h], dim=1)
+    # roi_align = batched crop + bilinear resize; sampling_ratio averages 2x2 points per bin (mild antialias).
+    views = roi_align(images, boxes, output_size=(out_size, out_size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    flip = torch.rand(n, generator=gen) < 0.5
+    views[flip] = views[flip].flip(-1)
+    turns = (torch.rand(n, generator=gen) * 4).long()
+    for k in range(1, 4):
+        sel = turns == k
+        views[sel] = torch.rot90(views[sel], k, dims=(-2, -1))
+    jitter = torch.rand(n, generator=gen) < 0.8
+    views[jitter] = colour_jitter(views[jitter], gen)
+    gray = torch.rand(n, generator=gen) < 0.2
+    views[gray] = views[gray].mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    blur = torch.rand(n, generator=gen) < 0.3
+    if blur.any():
+        views[blur] = _blur(views[blur], _uniform(int(blur.sum()), 0.1, 1.5, gen))
+    jpeg = torch.flatten(torch.nonzero(torch.rand(n, generator=gen) < 0.5))
+    if len(jpeg):
+        qualities = [int(q) for q in _uniform(len(jpeg), 15, 85, gen)]
+        views[jpeg] = _jpeg(views[jpeg].clamp(0, 1), qualities)
+    return views.clamp(0, 1)
 
 
 # ---- objective ----------------------------------------------------------------------------
@@ -133,7 +158,7 @@ def koleo(z: Tensor) -> Tensor:
 
 
 def train_copy_detector(
-    images: Sequence[Tensor],
+    images: Tensor,
     *,
     steps: int,
     batch_size: int,
@@ -148,12 +173,12 @@ def train_copy_detector(
     device: str = "cpu",
     log_every: int = 50,
 ) -> tuple[CopyDetectionNet, list[float]]:
-    """Train on ``images`` (each (3, H, W) in [0, 1]); returns the model (eval mode) and losses."""
+    """Train on ``images`` (N, 3, H, W) in [0, 1]; returns the model (eval mode) and losses."""
     if len(images) < 2:
         raise ValueError(f"copy-detection training needs at least 2 images, got {len(images)}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = CopyDetectionNet(width=width, embed_dim=embed_dim).to(device)
+    model = CopyDetectionNet(width=width, embed_dim=embed_dim).to(device).to(memory_format=torch.channels_last)
     optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -163,10 +188,10 @@ def train_copy_detector(
     start = time.time()
     model.train()
     for step in range(steps):
-        picks = torch.randperm(len(images), generator=gen)[:batch].tolist()
-        view_a = torch.stack([augment(images[i], img_size, gen) for i in picks]).to(device)
-        view_b = torch.stack([augment(images[i], img_size, gen) for i in picks]).to(device)
-        za, zb = model(view_a), model(view_b)
+        picks = torch.randperm(len(images), generator=gen)[:batch]
+        views = augment_batch(torch.cat([images[picks], images[picks]]), img_size, gen)
+        views = views.to(device).contiguous(memory_format=torch.channels_last)
+        za, zb = model(views).chunk(2)
         loss = info_nce(za, zb, temperature)
         if koleo_weight:
             loss = loss + koleo_weight * 0.5 * (koleo(za) + koleo(zb))
@@ -174,7 +199,7 @@ def train_copy_detector(
         loss.backward()
         optim.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if log_every and (step % log_every == 0 or step == steps - 1):
             log.info("sscd step %d/%d loss %.4f (%.1fs)", step + 1, steps, losses[-1], time.time() - start)
     model.eval()

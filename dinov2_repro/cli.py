@@ -20,10 +20,12 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .config import load_config
 
     cfg = load_config(args.config_file, args.overrides)  # validate before launching anything
-    if args.launcher not in (None, "none"):
+    if args.launcher != "none":
         from launch.dispatch import launch_command
+        from launch.options import options_from_args
 
-        return launch_command("train", argv, args, output_dir=cfg.train.output_dir)
+        child = ["train", *(["--config-file", args.config_file] if args.config_file else []), *args.overrides]
+        return launch_command(child, options_from_args(args))
     from .train.ssl import run_ssl_training
 
     result = run_ssl_training(cfg)

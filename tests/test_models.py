@@ -258,3 +258,34 @@ def test_backend_resolver_on_cpu():
     model.set_attention_backend("flex")
     with pytest.raises(RuntimeError, match="flex"):
         model(torch.randn(1, 3, 28, 28))
+
+
+# ---- benchmark smoke test ---------------------------------------------------------------------------
+def test_benchmark_quick_smoke(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "backbone.py"
+    # Timings end to end; memory through one probe only (each probe is a fresh interpreter).
+    done = subprocess.run([sys.executable, str(script), "--quick", "--skip-memory", "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "backbone_cpu.json").read_text())
+    assert {"machine", "settings", "timings", "ratios", "goals"} <= set(result)
+    assert {"platform", "cpu_model", "cpu_cores", "torch", "device"} <= set(result["machine"])
+    assert set(result["timings"]) == {
+        "ours_forward", "timm_forward", "packed_fwd_bwd", "crop_by_crop_fwd_bwd", "efficient_sd_fwd_bwd", "droppath_fwd_bwd"}
+    for timing in result["timings"].values():
+        assert timing["median_s"] > 0 and len(timing["times_s"]) == result["settings"]["reps"]
+    assert result["timings"]["ours_forward"]["images_per_s"] > 0
+    assert set(result["ratios"]) == {
+        "ours_over_timm_throughput", "packed_over_crop_by_crop_time", "efficient_sd_over_droppath_time"}
+    assert all(value > 0 for value in result["ratios"].values())
+
+    probe = subprocess.run([sys.executable, str(script), "--quick", "--memory-probe", "packed_fwd_bwd"],
+                           capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    memory = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert memory["peak_mib"] > 0 and "hwm_reset" in memory

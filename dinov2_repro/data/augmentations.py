@@ -96,7 +96,7 @@ def to_image_tensor(image: Any) -> Tensor:
             image = image[:, :, None]
         if image.ndim != 3:
             raise ValueError(f"augmentation input: numpy image must be (H, W, C), got shape {image.shape}")
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # copy: arrays from PIL are read-only
     if not isinstance(image, Tensor):
         raise TypeError(f"augmentation input: expected PIL image, numpy array or tensor, got {type(image).__name__}")
     if image.ndim != 3:

@@ -132,5 +132,8 @@ def make_data_loader(
         collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=drop_last,
+        # The DataLoader draws its workers' base seed from this generator; without one it would
+        # consume the caller's global torch RNG at every iter().
+        generator=torch.Generator().manual_seed(mix_seed(seed, rank)),
         **extra,
     )

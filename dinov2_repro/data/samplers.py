@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -79,11 +80,10 @@ class InfiniteSampler(Sampler):
         """Global stream position of this rank's ``local_position``-th sample."""
         return self.rank + self.world_size * local_position
 
-    def epoch_permutation(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.size))
+    def epoch_permutation(self, epoch: int) -> np.ndarray:
+        """The seeded order of one epoch (an int64 array: 8 bytes per sample, not a Python list)."""
         generator = torch.Generator().manual_seed(mix_seed(self.seed, _PERM_TAG, epoch))
-        return torch.randperm(self.size, generator=generator).tolist()
+        return torch.randperm(self.size, generator=generator).numpy()
 
     def sample_seed(self, global_position: int) -> int:
         return mix_seed(self.seed, _SAMPLE_TAG, global_position)
@@ -91,7 +91,7 @@ class InfiniteSampler(Sampler):
     def item_at(self, global_position: int) -> int | tuple[int, int]:
         """The stream element at a global position (random access; slow path for tests/tools)."""
         epoch, offset = divmod(global_position, self.size)
-        index = self.epoch_permutation(epoch)[offset] if self.shuffle else offset
+        index = int(self.epoch_permutation(epoch)[offset]) if self.shuffle else offset
         return (index, self.sample_seed(global_position)) if self.with_seeds else index
 
     def __iter__(self) -> Iterator[int | tuple[int, int]]:
@@ -100,8 +100,11 @@ class InfiniteSampler(Sampler):
         while True:
             g = self.global_position(local)
             epoch, offset = divmod(g, self.size)
-            if epoch != cached_epoch:
-                perm, cached_epoch = self.epoch_permutation(epoch), epoch
-            index = perm[offset]
+            if not self.shuffle:
+                index = offset
+            else:
+                if epoch != cached_epoch:
+                    perm, cached_epoch = self.epoch_permutation(epoch), epoch
+                index = int(perm[offset])
             yield (index, self.sample_seed(g)) if self.with_seeds else index
             local += 1

@@ -110,11 +110,16 @@ def sinkhorn_knopp_center(
     rows (prototypes) by their sums and by K, divide columns (samples) by their sums and by B;
     finally Q *= B and transpose. Everything in fp32.
 
+    B must be the same GLOBAL count on every rank: a common scalar cancels (the next row step and
+    the final Q *= B absorb it), but a per-rank local count would weight the ranks' samples
+    unequally. When unsure pass None: N is then summed over ranks (one extra scalar all_reduce).
+
     Numerical safety (not in the recipe, exact in value): before exp we subtract each prototype's
     max over the global batch. That multiplies row k of Q by a constant exp(-m_k / tau), which the
     first row normalisation removes exactly (and Q /= sum(Q) is a scalar), so the result is
-    unchanged for n_iterations >= 1 (with 0 iterations one global max is used instead), while exp can no longer overflow (tau = 0.04 overflows fp32
-    at logits ~3.5) and every row keeps at least one entry equal to 1 (no 0/0 row). A per-sample
+    unchanged for n_iterations >= 1 (with 0 iterations one global max is used instead), while exp
+    can no longer overflow (tau = 0.04 overflows fp32 at logits ~3.5) and every row keeps at least
+    one entry equal to 1 (no 0/0 row). A per-sample
     shift would NOT be exact (the row sums it changes feed the column step), hence per prototype.
     Sample columns that underflow completely are guarded with a tiny clamp (they come out as zeros
     rather than NaN).

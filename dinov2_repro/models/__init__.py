@@ -1,4 +1,5 @@
-from .registry import available_archs, build_vit, vit_base, vit_giant2, vit_large, vit_small, vit_tiny
+from .registry import available_archs, build_vit, vit_base, vit_giant2, vit_large, vit_micro, vit_small, vit_tiny
+from .heads import DINOHead
 from .vision_transformer import DinoVisionTransformer
 
-__all__ = ["DinoVisionTransformer", "available_archs", "build_vit", "vit_base", "vit_giant2", "vit_large", "vit_small", "vit_tiny"]
+__all__ = ["DINOHead", "DinoVisionTransformer", "available_archs", "build_vit", "vit_base", "vit_giant2", "vit_large", "vit_micro", "vit_small", "vit_tiny"]

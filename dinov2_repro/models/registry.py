@@ -6,7 +6,8 @@ from typing import Callable
 from .vision_transformer import DinoVisionTransformer
 
 _ARCHS: dict[str, dict] = {
-    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),  # CPU tests and the demo
+    "vit_micro": dict(embed_dim=96, depth=4, num_heads=3),  # fast unit tests of the training loop
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),  # the CPU demo and the learning test
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
     "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
@@ -34,6 +35,7 @@ def _factory(arch: str) -> Callable[..., DinoVisionTransformer]:
     return factory
 
 
+vit_micro = _factory("vit_micro")
 vit_tiny = _factory("vit_tiny")
 vit_small = _factory("vit_small")
 vit_base = _factory("vit_base")

@@ -144,10 +144,11 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         with autocast():
             loss, terms = model.compute_losses(batch, values)
-        if not math.isfinite(float(loss)):
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
             bad = {k: float(v) for k, v in terms.items()}
             raise NonFiniteLossError(
-                f"non-finite total loss {float(loss)} at iteration {iteration} (terms: {bad}); "
+                f"non-finite total loss {loss_value} at iteration {iteration} (terms: {bad}); "
                 f"stopping. The last good checkpoint is {last_checkpoint(run_dir)}"
             )
         if scaler is not None:
@@ -166,11 +167,11 @@ def train(
         if done % log_period == 0 or done == total:
             elapsed = time.perf_counter() - started
             rate = (done - start_iteration) / elapsed
-            last_logged = {"iteration": done, "total_loss": float(loss), **{k: float(v) for k, v in terms.items()},
+            last_logged = {"iteration": done, "total_loss": loss_value, **{k: float(v) for k, v in terms.items()},
                            **values, "grad_norm": grad_norm, "images_per_s": rate * images_per_step,
                            "n_skipped": int(batch.get("n_skipped", 0))}
             metrics.write(last_logged)
-            logger.info("it %d/%d  loss %.4f  lr %.2e  %.1f img/s  eta %s", done, total, float(loss), values["lr"],
+            logger.info("it %d/%d  loss %.4f  lr %.2e  %.1f img/s  eta %s", done, total, loss_value, values["lr"],
                         rate * images_per_step, format_eta((total - done) / rate))
         if done % ckpt_period == 0 or done == total:
             save(done)

@@ -103,23 +103,24 @@ class SSLMetaArch(nn.Module):
     def _ibot_head(self, modules: nn.ModuleDict) -> nn.Module:
         return modules["ibot_head"] if "ibot_head" in modules else modules["dino_head"]
 
-    def _center(self, which: str, logits: Tensor, temp: float, n_samples: Tensor | None = None) -> Tensor:
+    def _center(self, which: str, logits: Tensor, temp: float) -> Tensor:
         if self.cfg.train.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp_center(logits, temp, n_iterations=self.cfg.train.sinkhorn_iterations, n_samples=n_samples)
+            return sinkhorn_knopp_center(logits, temp, n_iterations=self.cfg.train.sinkhorn_iterations)
         center: SoftmaxCentering = getattr(self, f"{which}_center")
         probs = center(logits, temp)
         center.update(logits)
         return probs
 
     @torch.no_grad()
-    def teacher_targets(self, global_crops: Tensor, mask_indices: Tensor, n_masked: Tensor, temp: float) -> tuple[Tensor, Tensor]:
+    def teacher_targets(self, global_crops: Tensor, mask_indices: Tensor, temp: float) -> tuple[Tensor, Tensor]:
         out = self.teacher.backbone(global_crops, is_training=True)
         cls_logits = self.teacher.dino_head(out["x_norm_clstoken"])
         masked_patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
         patch_logits = self._ibot_head(self.teacher)(masked_patches)
         n_global_crops = 2
         dino_probs = self._center("dino", cls_logits.float(), temp).reshape(n_global_crops, -1, cls_logits.shape[-1])
-        ibot_probs = self._center("ibot", patch_logits.float(), temp, n_samples=n_masked)
+        # n_samples=None: Sinkhorn-Knopp counts the masked tokens of every rank itself.
+        ibot_probs = self._center("ibot", patch_logits.float(), temp)
         return dino_probs, ibot_probs
 
     def compute_losses(self, batch: dict[str, Any], values: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -130,12 +131,11 @@ class SSLMetaArch(nn.Module):
         masks = batch["collated_masks"].to(device, non_blocking=True)
         mask_indices = batch["mask_indices_list"].to(device, non_blocking=True)
         masks_weight = batch["masks_weight"].to(device, non_blocking=True)
-        n_masked = torch.as_tensor(batch["n_masked_patches"], device=device).reshape(())
         n_global_images = global_crops.shape[0]
         batch_size = n_global_images // 2
         n_local = local_crops.shape[0] // batch_size if local_crops.numel() else 0
 
-        dino_probs, ibot_probs = self.teacher_targets(global_crops, mask_indices, n_masked, values["teacher_temp"])
+        dino_probs, ibot_probs = self.teacher_targets(global_crops, mask_indices, values["teacher_temp"])
 
         # One packed pass over every student crop (globals masked), efficient stochastic depth inside.
         crops, crop_masks = [global_crops], [masks]

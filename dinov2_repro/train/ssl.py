@@ -40,7 +40,8 @@ def build_ssl_data(cfg: DictConfig, start_iteration: int, env: DistributedEnv) -
             f"{cfg.crops.local_crops_size} must be multiples of student.patch_size={patch}"
         )
     grid = cfg.crops.global_crops_size // patch
-    mask_generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=int(0.5 * grid * grid))
+    mask_generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=int(0.5 * grid * grid),
+                                      min_num_patches=cfg.ibot.mask_min_block_patches)
     collate = functools.partial(
         collate_data_and_cast, mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=cfg.ibot.mask_sample_probability, n_tokens=grid * grid, mask_generator=mask_generator,

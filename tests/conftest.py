@@ -1,0 +1,22 @@
+"""Shared pytest fixtures: small real datasets built once per session from data shipped in packages."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ImageFolder of 56 px PNG tiles (landsat/, rmnp/, natural/; ~150 images) from shipped data."""
+    from dinov2_repro.data.sample_data import write_demo_image_folder
+
+    return write_demo_image_folder(tmp_path_factory.mktemp("demo") / "images", tile=56)
+
+
+@pytest.fixture(scope="session")
+def landsat_stack_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6-band GeoTIFF (Landsat-7 ETM+ bands 1,2,3,4,5,7; float32, nodata -99999, 443x489 px)."""
+    from dinov2_repro.data.sample_data import write_landsat_stack
+
+    return write_landsat_stack(tmp_path_factory.mktemp("landsat") / "lsat7_2000_stack.tif")
