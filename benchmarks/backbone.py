@@ -44,7 +44,7 @@ def settings(quick: bool) -> dict:
     if quick:  # smoke test: tiny model, tiny crops
         return dict(arch="vit_tiny", depth=2, img=56, global_crop=56, local_crop=28, fwd_batch=2, images=1, reps=2, drop_path=0.4)
     # ViT-S/14; the DINOv2 crop set (2 global 224 + 8 local 98 per image) for 2 images.
-    return dict(arch="vit_small", depth=12, img=224, global_crop=224, local_crop=98, fwd_batch=4, images=2, reps=7, drop_path=0.4)
+    return dict(arch="vit_small", depth=12, img=224, global_crop=224, local_crop=98, fwd_batch=4, images=2, reps=5, drop_path=0.4)
 
 
 def machine_description(device: torch.device) -> dict:
@@ -172,7 +172,8 @@ def memory_probe(name: str, cfg: dict, device: torch.device) -> dict:
 def measure_memory(cfg: dict, device: torch.device, quick: bool) -> dict:
     results = {}
     for name in CONFIGS:
-        command = [sys.executable, str(Path(__file__).resolve()), "--device", device.type, "--memory-probe", name]
+        command = [sys.executable, str(Path(__file__).resolve()), "--device", device.type, "--memory-probe", name,
+                   "--threads", str(torch.get_num_threads())]
         if quick:
             command.append("--quick")
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -193,23 +194,30 @@ def time_configs(bench: Bench, reps: int) -> dict[str, list[float]]:
     return times
 
 
+def _paired_median(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    # Ratio within each repetition first: both configs ran back to back under the same load.
+    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+
+
 def summarise(times: dict[str, list[float]], cfg: dict) -> dict:
     med = {name: statistics.median(values) for name, values in times.items()}
-    fwd_images = cfg["fwd_batch"]
-    ratios = {
-        # > 1: ours faster.
-        "ours_over_timm_throughput": med["timm_forward"] / med["ours_forward"],
+    pairs = {
+        # > 1: ours faster (throughput ratio = inverse time ratio).
+        "ours_over_timm_throughput": ("timm_forward", "ours_forward"),
         # < 1: packing faster.
-        "packed_over_crop_by_crop_time": med["packed_fwd_bwd"] / med["crop_by_crop_fwd_bwd"],
-        "efficient_sd_over_droppath_time": med["efficient_sd_fwd_bwd"] / med["droppath_fwd_bwd"],
+        "packed_over_crop_by_crop_time": ("packed_fwd_bwd", "crop_by_crop_fwd_bwd"),
+        "efficient_sd_over_droppath_time": ("efficient_sd_fwd_bwd", "droppath_fwd_bwd"),
     }
+    ratios = {key: med[a] / med[b] for key, (a, b) in pairs.items()}
+    paired = {key: _paired_median(times, a, b) for key, (a, b) in pairs.items()}
     return {
         "timings": {
             name: {"median_s": med[name], "times_s": times[name],
-                   **({"images_per_s": fwd_images / med[name]} if name.endswith("forward") else {})}
+                   **({"images_per_s": cfg["fwd_batch"] / med[name]} if name.endswith("forward") else {})}
             for name in CONFIGS
         },
         "ratios": ratios,
+        "ratios_paired_median": paired,
         "goals": {
             "ours_ge_timm_speed": ratios["ours_over_timm_throughput"] >= 1.0,
             "packed_le_crop_by_crop_time": ratios["packed_over_crop_by_crop_time"] <= 1.0,
@@ -233,12 +241,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per config")
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default); 1 is steadier on a shared machine")
     parser.add_argument("--skip-memory", action="store_true", help="no per-config memory subprocesses")
     parser.add_argument("--memory-probe", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     device = torch.device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     cfg = settings(args.quick)
     if args.reps is not None:
         cfg["reps"] = args.reps

@@ -6,8 +6,8 @@
   lowest row).
 - relative dedup: pool + reference nodes in one graph at the (stricter) relative threshold; every
   pool component touching a reference image is dropped whole.
-- geographic dedup: tiles of one CRS whose footprints overlap with IoU above a threshold form
-  components; one tile per component is kept. Run first, it needs no embeddings.
+- geographic dedup: tiles of one CRS whose footprints overlap with IoU above a threshold;
+  greedy by priority, a tile is dropped when it overlaps a kept one. Run first, it needs no embeddings.
 """
 from __future__ import annotations
 
@@ -155,6 +155,20 @@ def _box(bounds: Sequence[float]) -> tuple[float, float, float, float]:
 
 
 def geo_dedup(rows: Sequence[dict], iou_threshold: float, priority: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(keep mask, component labels) of geographic duplicates (footprint IoU > threshold)."""
+    """(keep mask, overlap-component labels) of geographic dedup (footprint IoU > threshold).
+
+    Greedy, like non-maximum suppression: tiles are visited by priority (ties: lowest row) and
+    kept unless they overlap an already kept tile. Unlike one-per-component, a chain of tiles
+    that each overlap only their neighbours (A~B~C, A and C disjoint) keeps A and C: the area
+    stays covered."""
+    n = len(rows)
     src, dst, _ = footprint_pairs(rows, iou_threshold)
-    return self_dedup(len(rows), src, dst, priority)
+    neighbours: dict[int, list[int]] = {}
+    for a, b in zip(src.tolist(), dst.tolist()):
+        neighbours.setdefault(a, []).append(b)
+        neighbours.setdefault(b, []).append(a)
+    keep = np.zeros(n, bool)  # only visited tiles can be True, so a True neighbour was kept earlier
+    for node in np.lexsort((np.arange(n), -np.asarray(priority, dtype=np.float64))).tolist():
+        if not any(keep[m] for m in neighbours.get(node, ())):
+            keep[node] = True
+    return keep, components(n, src, dst)

@@ -114,3 +114,22 @@ def portable_path(path: str | os.PathLike, manifest_dir: str | os.PathLike) -> s
         return str(path.relative_to(base))
     except ValueError:
         return str(path)
+
+
+PACKAGE_SCHEME = "pkg://"
+
+
+def resolve_resource(path: str | os.PathLike) -> Path:
+    """``pkg://<package>/<relative path>`` -> the file shipped inside an installed package (found
+    without importing it: data-only packages are installed without their dependencies); other
+    paths are returned unchanged."""
+    text = str(path)
+    if not text.startswith(PACKAGE_SCHEME):
+        return Path(text)
+    import importlib.util
+
+    package, _, relative = text[len(PACKAGE_SCHEME):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{text}: package {package!r} is not installed")
+    return Path(spec.submodule_search_locations[0]) / relative

@@ -96,6 +96,8 @@ def set_nprobe(index, nprobe: int) -> None:
 def search(index, queries: np.ndarray, k: int, *, batch: int = 16384) -> tuple[np.ndarray, np.ndarray]:
     """Batched kNN: (scores, ids), each (Q, k); ids -1 where fewer than k were found."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if index.ntotal == 0:
+        raise ValueError("kNN search in an empty database (did an earlier stage remove every image?)")
     k = min(k, index.ntotal)
     scores = np.empty((len(queries), k), np.float32)
     ids = np.empty((len(queries), k), np.int64)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from .io import atomic_save_npz, atomic_write_json, read_json, read_manifest
+from .io import atomic_save_npz, atomic_write_json, read_json, read_manifest, resolve_resource
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +34,16 @@ def out(cfg: DictConfig, *parts: str) -> Path:
 
 
 def pool_manifest(cfg: DictConfig) -> Path:
-    return Path(cfg.pool.manifest) if cfg.pool.manifest else out(cfg, "pool", "manifest.jsonl")
+    return resolve_resource(cfg.pool.manifest) if cfg.pool.manifest else out(cfg, "pool", "manifest.jsonl")
 
 
 def embedding_sets(cfg: DictConfig) -> dict[str, Path]:
     """Name -> manifest of every set the embed stage embeds: the pool, references, queries."""
     sets = {"pool": pool_manifest(cfg)}
     for i, path in enumerate(cfg.dedup.reference_manifests):
-        sets[f"reference_{i}"] = Path(path)
+        sets[f"reference_{i}"] = resolve_resource(path)
     for i, path in enumerate(cfg.retrieve.query_manifests):
-        sets[f"query_{i}"] = Path(path)
+        sets[f"query_{i}"] = resolve_resource(path)
     return sets
 
 
@@ -71,10 +71,11 @@ def stage_tile(cfg: DictConfig) -> Path:
 
     if cfg.pool.manifest:
         log.info("tile: pool.manifest is set (%s); nothing to tile", cfg.pool.manifest)
-        return _require(Path(cfg.pool.manifest), "tile", "pool.manifest must point to a JSONL manifest")
+        return _require(pool_manifest(cfg), "tile", "pool.manifest must point to a JSONL manifest")
     if not cfg.tile.scenes and not cfg.pool.folders:
         raise ValueError("tile: set tile.scenes (GeoTIFFs), pool.folders or pool.manifest")
-    return run_tile(scenes=list(cfg.tile.scenes), folders=list(cfg.pool.folders), size=cfg.tile.size,
+    return run_tile(scenes=[str(resolve_resource(s)) for s in cfg.tile.scenes],
+                    folders=[str(resolve_resource(f)) for f in cfg.pool.folders], size=cfg.tile.size,
                     stride=cfg.tile.stride, bands=list(cfg.tile.bands) if cfg.tile.bands else None,
                     max_invalid_fraction=cfg.tile.max_invalid_fraction, nodata=cfg.tile.nodata,
                     pool_dir=out(cfg, "pool"))
@@ -103,7 +104,7 @@ def train_sscd_if_missing(cfg: DictConfig) -> Path:
         images, steps=cfg.sscd.steps, batch_size=cfg.sscd.batch_size, img_size=cfg.sscd.img_size,
         embed_dim=cfg.sscd.embed_dim, width=cfg.sscd.width, lr=cfg.sscd.lr, weight_decay=cfg.sscd.weight_decay,
         temperature=cfg.sscd.temperature, koleo_weight=cfg.sscd.koleo_weight, seed=cfg.seed,
-        device=str(resolve_device(cfg.device)))
+        dihedral_augment=not cfg.embed.dihedral_pool, device=str(resolve_device(cfg.device)))
     save_copy_detector(model.cpu(), path, {"trained_on": str(manifest), "images": len(images), "steps": cfg.sscd.steps,
                                            "final_loss": round(losses[-1], 4)})
     return path

@@ -245,7 +245,8 @@ def dedup_outcome(x: np.ndarray, rows: Sequence[dict], group: Sequence[int], thr
 
 def run_quality(out_dir: str | Path, *, steps: int = 300, batch_size: int = 64, img_size: int = 48, width: int = 32,
                 threshold: float = 0.6, seed: int = 0, copy_fraction: float = 0.5, photo_limit: int | None = None,
-                scene_tile_limit: int | None = None, koleo_weight: float = 0.5, temperature: float = 0.05) -> dict:
+                scene_tile_limit: int | None = None, koleo_weight: float = 0.5, temperature: float = 0.05,
+                dihedral_augment: bool = False) -> dict:
     """Build the pool, train the default (sscd) embedder on it, compare with the baselines."""
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
@@ -262,7 +263,8 @@ def run_quality(out_dir: str | Path, *, steps: int = 300, batch_size: int = 64, 
     t_train = time.time()
     model, losses = train_copy_detector(hold, steps=steps, batch_size=batch_size, img_size=img_size, embed_dim=128,
                                         width=width, lr=3e-3, weight_decay=1e-4, temperature=temperature,
-                                        koleo_weight=koleo_weight, seed=seed, log_every=max(steps // 5, 1))
+                                        koleo_weight=koleo_weight, seed=seed, dihedral_augment=dihedral_augment,
+                                        log_every=max(steps // 5, 1))
     train_s = time.time() - t_train
     checkpoint = save_copy_detector(model, out_dir / "sscd.safetensors", {"steps": steps})
     results = {}
@@ -279,6 +281,7 @@ def run_quality(out_dir: str | Path, *, steps: int = 300, batch_size: int = 64, 
     return {"pool": len(rows), "base_images": truth["num_base"], "injected": len(truth["injected"]),
             "transforms": {t: sum(t in i["transforms"] for i in truth["injected"]) for t in TRANSFORMS},
             "sscd_training": {"steps": steps, "batch_size": batch_size, "img_size": img_size, "width": width,
+                              "dihedral_augment": dihedral_augment, "temperature": temperature, "koleo_weight": koleo_weight,
                               "seconds": round(train_s, 1), "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4)},
             "default_embedder": "sscd (dihedral pooled)", "default_threshold": threshold,
             "results": results, "seconds": round(time.time() - start, 1)}

@@ -100,10 +100,10 @@ def _blur(batch: Tensor, sigmas: Tensor) -> Tensor:
     return x.view(n, c, h, w)
 
 
-def augment_batch(images: Tensor, out_size: int, gen: torch.Generator) -> Tensor:
+def augment_batch(images: Tensor, out_size: int, gen: torch.Generator, *, dihedral: bool = True) -> Tensor:
     """Strong copy-like views of ``images`` (B, 3, H, W) in [0, 1] -> (B, 3, out_size, out_size):
-    random resized crop (area 0.3-1), flips, 90-degree rotations, colour jitter (p 0.8),
-    grayscale (p 0.2), blur (p 0.3), JPEG quality 15-85 (p 0.5)."""
+    random resized crop (area 0.3-1), flips and 90-degree rotations (when ``dihedral``), colour
+    jitter (p 0.8), grayscale (p 0.2), blur (p 0.3), JPEG quality 15-85 (p 0.5)."""
     from torchvision.ops import roi_align
 
     n, _, height, width = images.shape
@@ -116,12 +116,13 @@ def augment_batch(images: Tensor, out_size: int, gen: torch.Generator) -> Tensor
     boxes = torch.stack([torch.arange(n, dtype=torch.float32), left, top, left + w, top + h], dim=1)
     # roi_align = batched crop + bilinear resize; sampling_ratio averages 2x2 points per bin (mild antialias).
     views = roi_align(images, boxes, output_size=(out_size, out_size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    flip = torch.rand(n, generator=gen) < 0.5
-    views[flip] = views[flip].flip(-1)
-    turns = (torch.rand(n, generator=gen) * 4).long()
-    for k in range(1, 4):
-        sel = turns == k
-        views[sel] = torch.rot90(views[sel], k, dims=(-2, -1))
+    if dihedral:
+        flip = torch.rand(n, generator=gen) < 0.5
+        views[flip] = views[flip].flip(-1)
+        turns = (torch.rand(n, generator=gen) * 4).long()
+        for k in range(1, 4):
+            sel = turns == k
+            views[sel] = torch.rot90(views[sel], k, dims=(-2, -1))
     jitter = torch.rand(n, generator=gen) < 0.8
     views[jitter] = colour_jitter(views[jitter], gen)
     gray = torch.rand(n, generator=gen) < 0.2
@@ -170,10 +171,15 @@ def train_copy_detector(
     temperature: float,
     koleo_weight: float,
     seed: int,
+    dihedral_augment: bool = False,
     device: str = "cpu",
     log_every: int = 50,
 ) -> tuple[CopyDetectionNet, list[float]]:
-    """Train on ``images`` (N, 3, H, W) in [0, 1]; returns the model (eval mode) and losses."""
+    """Train on ``images`` (N, 3, H, W) in [0, 1]; returns the model (eval mode) and losses.
+
+    ``dihedral_augment`` adds flips/rotations to the views. Off by default: the embedder averages
+    its descriptor over the 8 flips/rotations (embed.dihedral_pool), which is exactly invariant
+    to them whatever the network, so spending capacity on learning that invariance only hurts."""
     if len(images) < 2:
         raise ValueError(f"copy-detection training needs at least 2 images, got {len(images)}")
     torch.manual_seed(seed)
@@ -189,7 +195,7 @@ def train_copy_detector(
     model.train()
     for step in range(steps):
         picks = torch.randperm(len(images), generator=gen)[:batch]
-        views = augment_batch(torch.cat([images[picks], images[picks]]), img_size, gen)
+        views = augment_batch(torch.cat([images[picks], images[picks]]), img_size, gen, dihedral=dihedral_augment)
         views = views.to(device).contiguous(memory_format=torch.channels_last)
         za, zb = model(views).chunk(2)
         loss = info_nce(za, zb, temperature)

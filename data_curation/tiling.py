@@ -65,13 +65,17 @@ def tile_scene(
         scene_nodata = nodata if nodata is not None else src.nodata
         crs = src.crs.to_string() if src.crs else None
         gsd = float(abs(src.transform.a)) if src.transform else None
-        # One read of the scene: far faster than a read per window for the scene sizes tiled here.
-        pixels = src.read(band_list)
-        masks = np.stack([src.read_masks(b) for b in band_list])
         rows, dropped = [], 0
+        strip_row, strip, strip_mask = None, None, None
         for window in tile_windows(src.width, src.height, size, stride):
             col, row, w, h = window
-            frac = invalid_fraction(pixels[:, row : row + h, col : col + w], scene_nodata, masks[:, row : row + h, col : col + w])
+            if row != strip_row:
+                # One read per strip of tile rows: memory stays bands x size x width, not the whole scene.
+                strip_window = Window(0, row, src.width, h)
+                strip = src.read(band_list, window=strip_window)
+                strip_mask = src.read_masks(band_list, window=strip_window)
+                strip_row = row
+            frac = invalid_fraction(strip[:, :, col : col + w], scene_nodata, strip_mask[:, :, col : col + w])
             if frac > max_invalid_fraction:
                 dropped += 1
                 continue

@@ -47,7 +47,7 @@ class LauncherOptions:
             raise ValueError(f"mem_gb={self.mem_gb!r} must be > 0")
         if self.launcher == "local" and self.nodes != 1:
             raise ValueError(f"launcher 'local' runs on this machine only, but nodes={self.nodes}")
-        if self.signal_delay_s >= self.timeout_min * 60:
+        if self.launcher == "slurm" and self.signal_delay_s >= self.timeout_min * 60:
             raise ValueError(f"signal_delay_s={self.signal_delay_s} must be shorter than the time limit "
                              f"({self.timeout_min} min): the job would be signalled before it starts")
         if not self.job_name:

@@ -48,7 +48,8 @@ def parse_python_command(argv: Sequence[str]) -> tuple[str, str, list[str]]:
     """
     argv = [str(a) for a in argv]
     if not argv or not Path(argv[0]).name.startswith("python"):
-        raise ValueError(f"Slurm command must start with a Python interpreter (e.g. sys.executable), got {argv[:3]}")
+        raise ValueError(f"Slurm command must be a full Python command line, e.g. "
+                         f"[sys.executable, '-m', 'dinov2_repro.cli', *args]; got {argv[:4]}")
     i = 1
     while i < len(argv) and argv[i] in _PYTHON_NOOP_FLAGS:
         i += 1
@@ -126,8 +127,11 @@ class CommandJob:
 
 def slurm_parameters(options: LauncherOptions, *, workdir: str | os.PathLike,
                      job_env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """submitit ``update_parameters`` keywords for ``options`` (pure; testable without Slurm)."""
-    env = dict(DEFAULT_JOB_ENV if job_env is None else job_env)
+    """submitit ``update_parameters`` keywords for ``options`` (pure; testable without Slurm).
+
+    ``job_env`` is exported in the batch script before srun, on top of OMP_NUM_THREADS=1.
+    """
+    env = {**DEFAULT_JOB_ENV, **(job_env or {})}
     params: dict[str, Any] = {
         "name": options.job_name,
         "nodes": options.nodes,
@@ -152,9 +156,10 @@ def submit_slurm(cmd_argv: Sequence[str], options: LauncherOptions, *, workdir: 
                  resume_argv: Sequence[str] | None = None, job_env: Mapping[str, str] | None = None) -> Any:
     """Submit ``cmd_argv`` (``[sys.executable, "-m", ..., *args]``) as a Slurm job; returns the submitit.Job.
 
-    The job runs with this process's interpreter. On preemption/timeout it is requeued
-    with ``resume_argv`` (default: the same command, which resumes from its last
-    checkpoint) at most ``options.max_requeues`` times.
+    The job runs with this process's interpreter, in ``workdir``; a relative
+    ``options.slurm_output_dir`` is taken relative to ``workdir``. On preemption/timeout it
+    is requeued with ``resume_argv`` (default: the same command, which resumes from its
+    last checkpoint) at most ``options.max_requeues`` times in total.
     """
     import submitit
 

@@ -122,7 +122,7 @@ def test_launcher_arguments_roundtrip():
     ({"launcher": "mpi"}, "launcher='mpi'"),
     ({"nproc": 0}, "nproc=0"),
     ({"launcher": "local", "nodes": 2}, "nodes=2"),
-    ({"timeout_min": 1, "signal_delay_s": 90}, "signal_delay_s=90"),
+    ({"launcher": "slurm", "timeout_min": 1, "signal_delay_s": 90}, "signal_delay_s=90"),
     ({"mem_gb": -1.0}, "mem_gb=-1.0"),
 ])
 def test_bad_launcher_options_are_named(kwargs, message):

@@ -12,6 +12,16 @@ from dinov2_repro.models.layers import block as block_module
 OUTPUT_KEYS = ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: a second OpenMP thread buys nothing, and on a shared, loaded machine every
+    # op would wait for a descheduled worker (measured: 20x slower). Restored afterwards.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _visible_tiny(**kwargs) -> DinoVisionTransformer:
     """vit_tiny whose every part shows in the outputs: LayerScale 1 instead of 1e-5 and
     non-trivial tokens, so cross-sequence leaks or a wrong mask token cannot hide."""
@@ -269,7 +279,7 @@ def test_benchmark_quick_smoke(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "backbone.py"
     # Timings end to end; memory through one probe only (each probe is a fresh interpreter).
-    done = subprocess.run([sys.executable, str(script), "--quick", "--skip-memory", "--output-dir", str(tmp_path)],
+    done = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--skip-memory", "--output-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "backbone_cpu.json").read_text())
@@ -284,7 +294,7 @@ def test_benchmark_quick_smoke(tmp_path):
         "ours_over_timm_throughput", "packed_over_crop_by_crop_time", "efficient_sd_over_droppath_time"}
     assert all(value > 0 for value in result["ratios"].values())
 
-    probe = subprocess.run([sys.executable, str(script), "--quick", "--memory-probe", "packed_fwd_bwd"],
+    probe = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--memory-probe", "packed_fwd_bwd"],
                            capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr[-3000:]
     memory = json.loads(probe.stdout.strip().splitlines()[-1])

@@ -52,11 +52,15 @@ def shard_meta_arch(model: nn.Module, cfg: DictConfig, device: torch.device) -> 
         precision = cfg.compute_precision.get(side, {})
         backbone_policy = _policy(precision.get("backbone"), all_fp32)
         for group in block_groups(modules.backbone.blocks, int(cfg.student.block_chunks)):
-            fully_shard(group if len(group) > 1 else group[0], mesh=mesh, mp_policy=backbone_policy)
-        fully_shard(modules.backbone, mesh=mesh, mp_policy=backbone_policy)
+            fully_shard(group if len(group) > 1 else group[0], mesh=mesh, mp_policy=backbone_policy,
+                        reshard_after_forward=True)
+        # Roots too: FSDP2 keeps a root unsharded after forward by default, and the teacher has no
+        # backward to reshard it, so the EMA would meet full tensors on one side and shards on the other.
+        fully_shard(modules.backbone, mesh=mesh, mp_policy=backbone_policy, reshard_after_forward=True)
         for head in ("dino_head", "ibot_head"):
             if head in modules:
-                fully_shard(modules[head], mesh=mesh, mp_policy=_policy(precision.get(head), all_fp32))
+                fully_shard(modules[head], mesh=mesh, mp_policy=_policy(precision.get(head), all_fp32),
+                            reshard_after_forward=True)
     logger.info("FSDP2: sharded student and teacher over %d ranks", dist.get_world_size())
     return model
 
@@ -72,3 +76,13 @@ def wrap_meta_arch_if_distributed(model: nn.Module, cfg: DictConfig, env: Distri
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (FSDP2 parameter/gradient), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict of ``module`` on CPU. Collective under FSDP: every rank calls it
+    (with cpu_offload, only rank 0 receives the tensors)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -14,6 +14,28 @@ from .layers.attention import Groups
 FeatureDict = dict[str, Tensor]
 
 
+def resample_pos_embed(pos: Tensor, grid: tuple[int, int], *, antialias: bool = False, offset: float = 0.1) -> Tensor:
+    """Bicubically resample a (1, 1 + s*s, D) pos-embed (CLS first) to a ``grid`` of patches."""
+    grid_h, grid_w = grid
+    num_patches = pos.shape[1] - 1
+    side = int(math.sqrt(num_patches))
+    if side * side != num_patches:
+        raise ValueError(f"pos_embed holds {num_patches} patch positions, not a square grid")
+    if (grid_h, grid_w) == (side, side):
+        return pos
+    patch_pos = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    if offset:
+        # The original models scale by (grid + offset) / side to avoid floating-point rounding of the output size.
+        scale = ((grid_h + offset) / side, (grid_w + offset) / side)
+        patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic", antialias=antialias)
+    else:
+        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", antialias=antialias)
+    if patch_pos.shape[-2:] != (grid_h, grid_w):
+        raise RuntimeError(f"pos-embed interpolation gave {tuple(patch_pos.shape[-2:])}, expected {(grid_h, grid_w)}")
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+    return torch.cat([pos[:, :1], patch_pos], dim=1)
+
+
 class DinoVisionTransformer(nn.Module):
     def __init__(
         self,
@@ -90,25 +112,9 @@ class DinoVisionTransformer(nn.Module):
     # ---- tokens ----------------------------------------------------------------------
     def interpolate_pos_encoding(self, height: int, width: int, dtype: torch.dtype) -> Tensor:
         """Pos-embed (1, 1 + h*w, D) for an input of ``height`` x ``width`` pixels (bicubic)."""
-        pos = self.pos_embed.float()
-        grid_h, grid_w = height // self.patch_size, width // self.patch_size
-        num_patches = pos.shape[1] - 1
-        side = int(math.sqrt(num_patches))
-        if side * side != num_patches:
-            raise ValueError(f"pos_embed holds {num_patches} patch positions, not a square grid")
-        if (grid_h, grid_w) == (side, side):
-            return pos.to(dtype)
-        patch_pos = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        if self.interpolate_offset:
-            # The original models scale by (grid + offset) / side to avoid floating-point rounding of the output size.
-            scale = ((grid_h + self.interpolate_offset) / side, (grid_w + self.interpolate_offset) / side)
-            patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic", antialias=self.interpolate_antialias)
-        else:
-            patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", antialias=self.interpolate_antialias)
-        if patch_pos.shape[-2:] != (grid_h, grid_w):
-            raise RuntimeError(f"pos-embed interpolation gave {tuple(patch_pos.shape[-2:])}, expected {(grid_h, grid_w)}")
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
-        return torch.cat([pos[:, :1], patch_pos], dim=1).to(dtype)
+        grid = (height // self.patch_size, width // self.patch_size)
+        return resample_pos_embed(self.pos_embed.float(), grid, antialias=self.interpolate_antialias,
+                                  offset=self.interpolate_offset).to(dtype)
 
     def prepare_tokens(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
         """(B, C, H, W) [+ (B, N) bool mask] -> (B, 1 + R + N, D) tokens."""

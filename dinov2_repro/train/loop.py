@@ -75,7 +75,7 @@ def train(
     *,
     build_meta_arch: Callable[[DictConfig], nn.Module],
     build_data: Callable[[DictConfig, int, DistributedEnv], Iterator[dict[str, Any]]],
-    export: Callable[[nn.Module, Path, DictConfig], None] | None = None,
+    export: Callable[[nn.Module, Path, DictConfig, DistributedEnv], Any] | None = None,
     wrap_model: Callable[[nn.Module, DictConfig, DistributedEnv], nn.Module] | None = None,
 ) -> dict[str, float]:
     """Run (or resume) a training run in ``cfg.train.output_dir``; returns the last logged metrics.
@@ -175,7 +175,7 @@ def train(
                         rate * images_per_step, format_eta((total - done) / rate))
         if done % ckpt_period == 0 or done == total:
             save(done)
-        if export is not None and env.rank == 0 and (done == total or (eval_period and done % eval_period == 0)):
-            export(model.export_backbone(), run_dir, cfg)
+        if export is not None and (done == total or (eval_period and done % eval_period == 0)):
+            export(model.export_backbone(), run_dir, cfg, env)
     metrics.close()
     return last_logged

@@ -11,9 +11,11 @@ from torch import nn
 
 from ..data import DataAugmentationDINO, MaskingGenerator, build_dataset, collate_data_and_cast, make_data_loader
 from ..distributed import DistributedEnv
+from ..distributed.fsdp import full_state_dict
 from ..export import save_backbone
+from .initialize import init_from_pretrained
 from .loop import train
-from .meta_arch import SSLMetaArch
+from .meta_arch import SSLMetaArch, build_backbone
 
 TEACHER_EXPORT = Path("export") / "teacher_backbone.safetensors"
 
@@ -55,14 +57,28 @@ def build_ssl_data(cfg: DictConfig, start_iteration: int, env: DistributedEnv) -
     return iter(loader)
 
 
-def export_teacher(backbone: nn.Module, run_dir: Path, cfg: DictConfig) -> Path:
+def export_teacher(backbone: nn.Module, run_dir: Path, cfg: DictConfig, env: DistributedEnv) -> Path:
+    """Collective: gathers the (possibly sharded) teacher backbone; rank 0 writes the file."""
     path = Path(run_dir) / TEACHER_EXPORT
-    save_backbone(backbone, path, arch=cfg.student.arch, mean=tuple(cfg.crops.mean), std=tuple(cfg.crops.std))
+    state = full_state_dict(backbone)
+    if env.rank == 0:
+        plain = build_backbone(cfg.student, img_size=cfg.crops.global_crops_size, drop_path_rate=0.0)
+        plain.load_state_dict(state)
+        save_backbone(plain, path, arch=cfg.student.arch, mean=tuple(cfg.crops.mean), std=tuple(cfg.crops.std))
     return path
+
+
+def build_ssl_meta_arch(cfg: DictConfig) -> SSLMetaArch:
+    """The meta-arch, initialised from ``MODEL.WEIGHTS`` when set (a resumed run then loads its
+    own checkpoint over it)."""
+    model = SSLMetaArch(cfg)
+    if cfg.MODEL.WEIGHTS:
+        init_from_pretrained(model, cfg.MODEL.WEIGHTS)
+    return model
 
 
 def run_ssl_training(cfg: DictConfig) -> dict[str, float]:
     from ..distributed.fsdp import wrap_meta_arch_if_distributed
 
-    return train(cfg, build_meta_arch=SSLMetaArch, build_data=build_ssl_data, export=export_teacher,
+    return train(cfg, build_meta_arch=build_ssl_meta_arch, build_data=build_ssl_data, export=export_teacher,
                  wrap_model=wrap_meta_arch_if_distributed)

@@ -11,7 +11,7 @@
 #   SLURM_LOCAL_MEM_MARGIN_MB  memory kept out of the node's RealMemory (default 1024)
 #   SLURM_LOCAL_WAIT_S         how long to wait for the node to become idle (default 60)
 #   SLURM_LOCAL_CRED_EXPIRE_S  job credential lifetime = how long a requeued job waits
-#                              before it may start again (default 15; Slurm's is 120)
+#                              before it may start again (default 10; Slurm's is 120)
 set -euo pipefail
 
 log() { echo "[start_cluster] $*"; }
@@ -29,7 +29,7 @@ MUNGE_KEY=/etc/munge/munge.key
 MUNGE_PID=/run/munge/munged.pid
 MEM_MARGIN_MB=${SLURM_LOCAL_MEM_MARGIN_MB:-1024}
 WAIT_S=${SLURM_LOCAL_WAIT_S:-60}
-CRED_EXPIRE_S=${SLURM_LOCAL_CRED_EXPIRE_S:-15}
+CRED_EXPIRE_S=${SLURM_LOCAL_CRED_EXPIRE_S:-10}
 
 # ---------------------------------------------------------------- packages
 missing=()
@@ -47,20 +47,58 @@ else
     log "slurm-wlm and munge already installed"
 fi
 
-# Kills the daemon recorded in a pid file, but only if that pid really is the daemon
-# (pid files survive container restarts and pids get reused).
+is_running() {  # pid: exists and is not a zombie
+    local state
+    state=$(awk '{print $3}' /proc/"$1"/stat 2>/dev/null || true)
+    [ -n "$state" ] && [ "$state" != "Z" ]
+}
+
+# Pids of running processes named exactly $1 (read from /proc: procps may be missing).
+pids_named() {
+    local dir
+    for dir in /proc/[0-9]*; do
+        if [ "$(cat "$dir/comm" 2>/dev/null || true)" = "$1" ] && is_running "${dir#/proc/}"; then
+            echo "${dir#/proc/}"
+        fi
+    done
+}
+
+# The pid recorded in a pid file, if that process still is the named daemon (pid files
+# survive container restarts and pids get reused).
+daemon_pid() {
+    local pid
+    pid=$(cat "$1" 2>/dev/null || true)
+    if [ -n "$pid" ] && [ "$(cat /proc/"$pid"/comm 2>/dev/null || true)" = "$2" ] && is_running "$pid"; then
+        echo "$pid"
+        return 0
+    fi
+    return 1
+}
+
+# Stops a daemon: the pid from its pid file, plus any leftover process with exactly that
+# name whose pid file was lost (e.g. a daemon started by hand or by an earlier failed run).
 stop_by_pidfile() {
-    local pidfile=$1 name=$2 pid
-    [ -f "$pidfile" ] || return 0
-    pid=$(cat "$pidfile" 2>/dev/null || true)
-    if [ -n "$pid" ] && [ "$(cat /proc/"$pid"/comm 2>/dev/null || true)" = "$name" ]; then
-        log "stopping $name (pid $pid)"
-        kill "$pid" 2>/dev/null || true
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
+    local pidfile=$1 name=$2 pid pids alive
+    pids=$( { daemon_pid "$pidfile" "$name" || true; pids_named "$name"; } | sort -u | tr '\n' ' ')
+    if [ -z "${pids// /}" ]; then
+        if [ -f "$pidfile" ]; then log "$name: stale pid file $pidfile (not running)"; fi
+        rm -f "$pidfile"
+        return 0
+    fi
+    log "stopping $name (pid ${pids% })"
+    kill $pids 2>/dev/null || true
+    alive=$pids
+    for _ in $(seq 50); do
+        alive=""
+        for pid in $pids; do
+            if is_running "$pid"; then alive="$alive $pid"; fi
         done
-        kill -0 "$pid" 2>/dev/null && { log "$name did not stop, sending SIGKILL"; kill -9 "$pid" || true; }
+        if [ -z "$alive" ]; then break; fi
+        sleep 0.1
+    done
+    if [ -n "$alive" ]; then
+        log "$name did not stop, sending SIGKILL to$alive"
+        kill -9 $alive 2>/dev/null || true
     fi
     rm -f "$pidfile"
 }
@@ -115,7 +153,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 # cred_expire also delays a requeued job's restart (BeginTime = requeue + cred_expire):
-# 15 s instead of 120 s keeps preemption tests short on this one-machine cluster.
+# 10 s instead of 120 s keeps preemption tests short on this one-machine cluster.
 AuthInfo=cred_expire=${CRED_EXPIRE_S}
 StateSaveLocation=${STATE_DIR}
 SlurmdSpoolDir=${SLURMD_SPOOL}
@@ -125,8 +163,8 @@ SlurmctldLogFile=${LOG_DIR}/slurmctld.log
 SlurmdLogFile=${LOG_DIR}/slurmd.log
 SchedulerType=sched/backfill
 # A requeued job becomes eligible once its BeginTime passes, and only a scheduling pass
-# starts it: run the backfill pass every 5 s instead of 30 s.
-SchedulerParameters=bf_interval=5
+# starts it: run the main and backfill passes every 5 s (defaults: 60 s and 30 s).
+SchedulerParameters=bf_interval=5,sched_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=${def_mem_per_cpu}
@@ -152,16 +190,11 @@ else
     mv -f "$new_conf" "$SLURM_CONF"
 fi
 
-pid_alive() {  # pidfile name
-    local pid
-    pid=$(cat "$1" 2>/dev/null || true)
-    [ -n "$pid" ] && [ "$(cat /proc/"$pid"/comm 2>/dev/null || true)" = "$2" ]
-}
-
 node_state() { sinfo -h -n "$host" -o '%T' 2>/dev/null | head -n1 || true; }
 
 # ---------------------------------------------------------------- fast path
-if [ "$conf_changed" = 0 ] && pid_alive "$CTLD_PID" slurmctld && pid_alive "$SLURMD_PID" slurmd; then
+if [ "$conf_changed" = 0 ] && daemon_pid "$CTLD_PID" slurmctld >/dev/null \
+        && daemon_pid "$SLURMD_PID" slurmd >/dev/null; then
     state=$(node_state)
     case "$state" in
         idle|mixed|allocated|completing)

@@ -1,0 +1,176 @@
+"""Curation benchmarks -> benchmarks/results/curation_cpu.json (parts are merged into the file).
+
+--part dedup: N synthetic 384-d L2-normalised embeddings (clusters plus planted duplicate groups),
+  self-dedup as the curate stage does it (FAISS kNN k=64 with the index chosen by pool size,
+  exact re-scoring, threshold, union-find components). Reports wall times and the recall of the
+  planted pairs, plus kNN recall@64 against exact brute-force search on sampled queries.
+  On a GPU (torch.cuda) the same runs as torch matmul top-k (exact) unless faiss-gpu is present.
+--part quality: the real-image near-duplicate experiment (data_curation/quality.py).
+--quick: a small, fast smoke run (used by the tests), written to --output.
+
+    python benchmarks/curation.py --part dedup            # 1M vectors, ~10 min on 2 cores
+    python benchmarks/curation.py --part quality
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data_curation.dedup import components, knn_edges, pick_representatives  # noqa: E402
+from data_curation.io import atomic_write_json  # noqa: E402
+from data_curation.knn import brute_force_knn, build_index, choose_index, has_faiss_gpu, normalize, rescore, search  # noqa: E402
+
+DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "curation_cpu.json"
+
+
+def synthetic_pool(n: int, dim: int, *, clusters: int, dup_sources: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered embeddings (unrelated members of a cluster: cosine ~0.3) where ``dup_sources``
+    images get 1-3 near-copies (cosine ~0.75-0.97 to their source). Returns (x, planted pairs)."""
+    rng = np.random.default_rng(seed)
+    centers = normalize(rng.standard_normal((clusters, dim), dtype=np.float32))
+    x = np.empty((n, dim), np.float32)
+    copies_per = rng.integers(1, 4, size=dup_sources)
+    num_copies = int(copies_per.sum())
+    num_base = n - num_copies
+    assign = rng.integers(0, clusters, size=num_base)
+    block = 100_000
+    for s in range(0, num_base, block):
+        e = min(s + block, num_base)
+        noise = rng.standard_normal((e - s, dim), dtype=np.float32) / np.sqrt(dim)
+        x[s:e] = normalize(0.55 * centers[assign[s:e]] + 0.83 * noise)
+    sources = rng.choice(num_base, dup_sources, replace=False)
+    src_of_copy = np.repeat(sources, copies_per)
+    # Noise scale per copy: cosine to the source spreads over ~0.75-0.97.
+    scale = rng.uniform(0.25, 0.85, size=(num_copies, 1)).astype(np.float32)
+    for s in range(0, num_copies, block):
+        e = min(s + block, num_copies)
+        noise = rng.standard_normal((e - s, dim), dtype=np.float32) / np.sqrt(dim)
+        x[num_base + s : num_base + e] = normalize(x[src_of_copy[s:e]] + scale[s:e] * noise)
+    copy_ids = np.arange(num_base, n)
+    pairs = [np.stack([src_of_copy, copy_ids], 1)]
+    # Copies of one source are duplicates of each other too.
+    order = np.argsort(src_of_copy, kind="stable")
+    s_sorted, c_sorted = src_of_copy[order], copy_ids[order]
+    for offset in (1, 2):
+        same = s_sorted[offset:] == s_sorted[:-offset]
+        pairs.append(np.stack([c_sorted[:-offset][same], c_sorted[offset:][same]], 1))
+    pairs = np.concatenate(pairs)
+    return x, np.sort(pairs, axis=1)
+
+
+def planted_recall(pairs: np.ndarray, x: np.ndarray, src: np.ndarray, dst: np.ndarray, threshold: float) -> dict:
+    """Recall of the planted pairs whose exact cosine is above the threshold (the ones exact
+    kNN + threshold would find), and of all planted pairs."""
+    exact = np.einsum("ij,ij->i", x[pairs[:, 0]], x[pairs[:, 1]])
+    found_keys = set((src.astype(np.int64) * len(x) + dst).tolist())
+    found = np.array([int(a) * len(x) + int(b) in found_keys for a, b in pairs])
+    above = exact > threshold
+    return {"planted_pairs": int(len(pairs)), "planted_above_threshold": int(above.sum()),
+            "recall_vs_exact": float(found[above].mean()) if above.any() else 1.0,
+            "recall_all_planted": float(found.mean())}
+
+
+def knn_recall(x: np.ndarray, ids: np.ndarray, k: int, *, queries: int, seed: int, device: str = "cpu") -> float:
+    """Mean overlap of the top-k (self excluded) with exact brute-force top-k on sampled queries."""
+    rng = np.random.default_rng(seed)
+    q = rng.choice(len(x), min(queries, len(x)), replace=False)
+    _, exact = brute_force_knn(x[q], x, k + 1, device=device)
+    hits = [len(set(exact[i].tolist()) & set(ids[qi].tolist())) / (k + 1) for i, qi in enumerate(q)]
+    return float(np.mean(hits))
+
+
+def run_dedup(n: int, *, dim: int = 384, k: int = 64, threshold: float = 0.6, nprobe: int = 16, seed: int = 0,
+              device: str = "cpu") -> dict:
+    import faiss
+    import torch
+
+    threads = int(os.environ.get("BENCH_THREADS", "2"))
+    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    x, pairs = synthetic_pool(n, dim, clusters=max(n // 1000, 10), dup_sources=max(n // 50, 10), seed=seed)
+    gen_s = time.time() - t0
+    times = {}
+    t = time.time()
+    if device == "cuda" and not has_faiss_gpu():
+        factory = "torch-matmul-topk (exact)"
+        scores, ids = brute_force_knn(x, x, k + 1, device="cuda", batch=8192)
+        times["knn_s"] = time.time() - t
+    else:
+        factory = choose_index(n, gpu=device == "cuda")
+        index = build_index(x, factory=factory, nprobe=nprobe, seed=seed, use_gpu=device == "cuda")
+        times["index_build_s"] = time.time() - t
+        t = time.time()
+        _, ids = search(index, x, k + 1)
+        times["search_s"] = time.time() - t
+        t = time.time()
+        scores = rescore(x, x, ids)
+        times["rescore_s"] = time.time() - t
+    t = time.time()
+    src, dst, sims = knn_edges(scores, ids, threshold)
+    labels = components(n, src, dst)
+    keep = pick_representatives(labels, np.zeros(n))
+    times["components_s"] = time.time() - t
+    total = sum(times.values())
+    recall = planted_recall(pairs, x, src, dst, threshold)
+    t = time.time()
+    recall["knn_recall_at_64_vs_exact"] = knn_recall(x, ids, k, queries=1000 if n >= 100_000 else 200, seed=seed,
+                                                     device=device)
+    return {"n": n, "dim": dim, "k": k, "threshold": threshold, "index": factory, "nprobe": nprobe, "device": device,
+            "threads": threads, "data_gen_s": round(gen_s, 1), **{kk: round(v, 2) for kk, v in times.items()},
+            "dedup_wall_s": round(total, 1), "edges": int(len(src)), "removed": int(n - keep.sum()),
+            **recall, "exact_check_s": round(time.time() - t, 1),
+            "goal": {"wall_s_max": 600, "recall_min": 0.95},
+            "meets_goal": bool(total < 600 and recall["recall_vs_exact"] >= 0.95)}
+
+
+def run_quality_part(quick: bool, workdir: Path) -> dict:
+    from data_curation.quality import run_quality
+
+    if quick:
+        return run_quality(workdir, steps=20, batch_size=32, photo_limit=6, scene_tile_limit=12)
+    return run_quality(workdir, steps=int(os.environ.get("QUALITY_STEPS", "600")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["dedup", "quality", "all"], default="dedup")
+    parser.add_argument("--quick", action="store_true", help="small smoke run (tests)")
+    parser.add_argument("--n", type=int, default=None, help="pool size (default 1M, 20k with --quick)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--workdir", type=Path, default=Path("output/bench_curation"))
+    args = parser.parse_args(argv)
+    result = json.loads(args.output.read_text()) if args.output.is_file() else {}
+    result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    if args.part in ("dedup", "all"):
+        n = args.n or (20_000 if args.quick else 1_000_000)
+        result["dedup_cpu"] = run_dedup(n)
+        print(json.dumps(result["dedup_cpu"], indent=1))
+        import torch
+
+        if torch.cuda.is_available():
+            result["dedup_gpu"] = run_dedup(n, device="cuda")
+            print(json.dumps(result["dedup_gpu"], indent=1))
+    if args.part in ("quality", "all"):
+        q = run_quality_part(args.quick, args.workdir)
+        result["quality"] = q
+        print(json.dumps({k: v for k, v in q.items() if k != "results"}, indent=1))
+        for name, m in q["results"].items():
+            print(name, {kk: m[kk] for kk in ("threshold", "precision", "recall", "uAP")})
+    result["quick"] = args.quick
+    atomic_write_json(args.output, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

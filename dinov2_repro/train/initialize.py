@@ -1,0 +1,51 @@
+"""Start a run from another run's weights (``MODEL.WEIGHTS``), e.g. the 518 px phase after
+pretraining: student, teacher, heads and centers are copied; pos-embeds are resampled to the
+new global crop grid and keep training; optimiser state and schedules start fresh."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from ..models.vision_transformer import resample_pos_embed
+from .checkpoint import last_checkpoint, load_model_state, read_meta
+
+logger = logging.getLogger("dinov2_repro")
+
+
+def resolve_weights_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        found = last_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"MODEL.WEIGHTS={path}: the run directory has no finished checkpoint")
+        return found
+    if not (path / "meta.pt").is_file():
+        raise FileNotFoundError(f"MODEL.WEIGHTS={path} is neither a run directory nor a checkpoint directory")
+    return path
+
+
+def init_from_pretrained(model: nn.Module, weights: str | Path) -> None:
+    """Copy ``weights`` (a run or checkpoint directory) into ``model`` (an unsharded meta-arch)."""
+    from .meta_arch import SSLMetaArch
+
+    checkpoint = resolve_weights_checkpoint(weights)
+    source = SSLMetaArch(OmegaConf.create(read_meta(checkpoint)["config"]))
+    load_model_state(checkpoint, source)
+    state = source.state_dict()
+    target = model.state_dict()
+    for key, value in state.items():
+        if key.endswith("backbone.pos_embed") and key in target and value.shape != target[key].shape:
+            side = int(round((target[key].shape[1] - 1) ** 0.5))
+            backbone = model.get_submodule(key.rsplit(".", 1)[0])
+            state[key] = resample_pos_embed(value.float(), (side, side), antialias=backbone.interpolate_antialias,
+                                            offset=0.0)
+            logger.info("resampled %s from %s to %s", key, tuple(value.shape), tuple(state[key].shape))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise RuntimeError(f"MODEL.WEIGHTS={weights}: weights do not fit this architecture: {err}") from err
+    logger.info("initialised from %s", checkpoint)
