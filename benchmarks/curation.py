@@ -139,7 +139,7 @@ def run_quality_part(quick: bool, workdir: Path) -> dict:
 
     if quick:
         return run_quality(workdir, steps=20, batch_size=32, photo_limit=6, scene_tile_limit=12)
-    return run_quality(workdir, steps=int(os.environ.get("QUALITY_STEPS", "600")))
+    return run_quality(workdir, steps=int(os.environ.get("QUALITY_STEPS", "300")))
 
 
 def main(argv: list[str] | None = None) -> int:

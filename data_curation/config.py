@@ -41,6 +41,8 @@ def _check(cfg: DictConfig) -> None:
     for key in ("dedup.threshold", "dedup.relative_threshold"):
         if not -1.0 <= OmegaConf.select(cfg, key) <= 1.0:
             fail(key, "a cosine threshold must be in [-1, 1]")
+    if not 0.0 <= cfg.dedup.max_removed_fraction <= 1.0:
+        fail("dedup.max_removed_fraction", "must be in [0, 1]")
     if cfg.dedup.keep_policy not in ("largest", "first"):
         fail("dedup.keep_policy", "must be 'largest' or 'first'")
     if cfg.retrieve.mode not in ("none", "sample", "cluster"):

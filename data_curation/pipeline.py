@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .io import atomic_save_npz, atomic_write_json, read_json, read_manifest, resolve_resource
 
@@ -194,6 +194,11 @@ def stage_dedup(cfg: DictConfig) -> Path:
     scores, ids = pool_knn(cfg, x)
     src, dst, sims = knn_edges(scores, ids, cfg.dedup.threshold)
     self_keep, labels = self_dedup(n, src, dst, priority, active=geo_keep)
+    removed_fraction = float((geo_keep & ~self_keep).sum()) / max(int(geo_keep.sum()), 1)
+    if removed_fraction > cfg.dedup.max_removed_fraction:
+        raise ValueError(f"dedup: self-dedup at dedup.threshold={cfg.dedup.threshold} would remove {removed_fraction:.0%} of the pool "
+                         f"(> dedup.max_removed_fraction={cfg.dedup.max_removed_fraction}); the embedder is probably "
+                         f"under-trained or the threshold too low for it")
     # 3. relative: pool components (at the stricter threshold) that touch a reference image.
     touched = np.zeros(n, bool)
     touched_by: dict[int, str] = {}
@@ -221,6 +226,7 @@ def stage_dedup(cfg: DictConfig) -> Path:
             removed[r] = "self"
         else:
             removed[r] = f"relative:{touched_by.get(r)}"
+    atomic_write_json(out(cfg, "dedup", "removed.json"), {str(r): why for r, why in removed.items()})
     atomic_save_npz(out(cfg, "dedup", "result.npz"), keep=keep, labels=labels, geo_labels=geo_labels,
                     edge_src=src, edge_dst=dst, edge_sim=sims, top1=_top1(scores, ids))
     summary = {"pool": n, "kept": int(keep.sum()), "removed_geo": int((~geo_keep).sum()),

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .dedup import box_iou, footprint_pairs, keep_priority, knn_edges, self_dedup
+from .dedup import footprint_pairs, keep_priority, knn_edges, self_dedup
 from .embed import embed_images
 from .embedders import build_embedder
 from .images import ManifestImages, load_row_image, resize_tensor
@@ -244,7 +244,7 @@ def dedup_outcome(x: np.ndarray, rows: Sequence[dict], group: Sequence[int], thr
 
 
 def run_quality(out_dir: str | Path, *, steps: int = 300, batch_size: int = 64, img_size: int = 48, width: int = 32,
-                threshold: float = 0.6, seed: int = 0, copy_fraction: float = 0.5, photo_limit: int | None = None,
+                threshold: float = 0.9, seed: int = 0, copy_fraction: float = 0.5, photo_limit: int | None = None,
                 scene_tile_limit: int | None = None, koleo_weight: float = 0.5, temperature: float = 0.05,
                 dihedral_augment: bool = False) -> dict:
     """Build the pool, train the default (sscd) embedder on it, compare with the baselines."""

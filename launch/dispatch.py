@@ -17,7 +17,7 @@ def launch_command(child_argv: Sequence[str], options: LauncherOptions) -> int:
     if options.launcher == "slurm":
         from .slurm import submit_slurm
 
-        job = submit_slurm(list(child_argv), options, workdir=os.getcwd())
+        job = submit_slurm([sys.executable, "-m", "dinov2_repro.cli", *child_argv], options, workdir=os.getcwd())
         print(f"submitted Slurm job {job.job_id} ({options.world_size} tasks); "
               f"logs: {str(options.slurm_output_dir).replace('%j', str(job.job_id))}")
         return 0

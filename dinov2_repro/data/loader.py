@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from typing import Any, Callable
 
 import numpy as np
@@ -87,6 +88,11 @@ class SeededTransformDataset(Dataset):
 def _worker_init(_: int) -> None:
     # Each worker is one process per core's worth of work; intra-op threads would oversubscribe.
     torch.set_num_threads(1)
+    # Slurm signals every process of a step on preemption; only the trainer (submitit's handler)
+    # should react, so workers ignore the requeue signals instead of dying mid-batch.
+    for name in ("SIGUSR2", "SIGTERM"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def make_data_loader(
