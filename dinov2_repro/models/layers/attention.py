@@ -60,14 +60,21 @@ def sequence_ids(groups: Groups, device: torch.device) -> Tensor:
 
 
 def _sdpa_grouped(q: Tensor, k: Tensor, v: Tensor, groups: Groups) -> Tensor:
-    # q, k, v: (T, H, D). Each run of equal-length sequences is one dense batch.
-    outputs, offset = [], 0
+    # q, k, v: (T, H, D). Each run of equal-length sequences is one dense batch; results are
+    # written straight into their slice of the output (one copy, no concatenation).
+    if len(groups) == 1:
+        count, length = groups[0]
+        qg, kg, vg = (t.reshape(count, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2).reshape(q.shape)
+    out = q.new_empty(q.shape)
+    offset = 0
     for count, length in groups:
         n = count * length
         qg, kg, vg = (t[offset : offset + n].reshape(count, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-        outputs.append(F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2).reshape(n, *q.shape[1:]))
+        out[offset : offset + n].view(count, length, *q.shape[1:]).copy_(
+            F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2))
         offset += n
-    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    return out
 
 
 def _sdpa_masked(q: Tensor, k: Tensor, v: Tensor, groups: Groups) -> Tensor:
