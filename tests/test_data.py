@@ -33,13 +33,7 @@ from dinov2_repro.data.sample_data import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny tensors on a shared 2-core machine: a second intra-op thread only adds contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_aug(n_local: int = 2, bands: int = 3, blur_rates: str = "stated") -> DataAugmentationDINO:

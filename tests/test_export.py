@@ -22,14 +22,7 @@ from dinov2_repro.models import build_vit
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: a second OpenMP thread buys nothing, and on a shared, loaded machine every
-    # op would wait for a descheduled worker (measured: 20x slower). Restored afterwards.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _visible(model):

@@ -12,14 +12,7 @@ from dinov2_repro.models.layers import block as block_module
 OUTPUT_KEYS = ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: a second OpenMP thread buys nothing, and on a shared, loaded machine every
-    # op would wait for a descheduled worker (measured: 20x slower). Restored afterwards.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _visible_tiny(**kwargs) -> DinoVisionTransformer:

@@ -102,6 +102,20 @@ def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return target
 
 
+def resolve_checkpoint(path: str | os.PathLike, *, what: str = "checkpoint") -> Path:
+    """A run directory (its last checkpoint) or a checkpoint directory itself; ``what`` names
+    the setting in error messages."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        found = last_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"{what}={path}: the run directory has no finished checkpoint")
+        return found
+    if not (path / META_FILE).is_file():
+        raise FileNotFoundError(f"{what}={path} is neither a run directory nor a checkpoint directory")
+    return path
+
+
 def read_meta(checkpoint: str | os.PathLike) -> dict[str, Any]:
     file = Path(checkpoint) / META_FILE
     try:

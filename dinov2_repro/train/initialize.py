@@ -6,33 +6,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 from torch import nn
 
 from ..models.vision_transformer import resample_pos_embed
-from .checkpoint import last_checkpoint, load_model_state, read_meta
+from .checkpoint import load_model_state, read_meta, resolve_checkpoint
 
 logger = logging.getLogger("dinov2_repro")
-
-
-def resolve_weights_checkpoint(path: str | Path) -> Path:
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        found = last_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"MODEL.WEIGHTS={path}: the run directory has no finished checkpoint")
-        return found
-    if not (path / "meta.pt").is_file():
-        raise FileNotFoundError(f"MODEL.WEIGHTS={path} is neither a run directory nor a checkpoint directory")
-    return path
 
 
 def init_from_pretrained(model: nn.Module, weights: str | Path) -> None:
     """Copy ``weights`` (a run or checkpoint directory) into ``model`` (an unsharded meta-arch)."""
     from .meta_arch import SSLMetaArch
 
-    checkpoint = resolve_weights_checkpoint(weights)
+    checkpoint = resolve_checkpoint(weights, what="MODEL.WEIGHTS")
     source = SSLMetaArch(OmegaConf.create(read_meta(checkpoint)["config"]))
     load_model_state(checkpoint, source)
     state = source.state_dict()
