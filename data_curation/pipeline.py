@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import OmegaConf, DictConfig
 
 from .io import atomic_save_npz, atomic_write_json, read_json, read_manifest, resolve_resource
 
@@ -76,7 +76,7 @@ def stage_tile(cfg: DictConfig) -> Path:
         raise ValueError("tile: set tile.scenes (GeoTIFFs), pool.folders or pool.manifest")
     return run_tile(scenes=[str(resolve_resource(s)) for s in cfg.tile.scenes],
                     folders=[str(resolve_resource(f)) for f in cfg.pool.folders], size=cfg.tile.size,
-                    stride=cfg.tile.stride, bands=list(cfg.tile.bands) if cfg.tile.bands else None,
+                    stride=cfg.tile.stride, bands=OmegaConf.to_container(cfg.tile.bands) if cfg.tile.bands else None,
                     max_invalid_fraction=cfg.tile.max_invalid_fraction, nodata=cfg.tile.nodata,
                     pool_dir=out(cfg, "pool"))
 
@@ -138,7 +138,7 @@ def pool_knn(cfg: DictConfig, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Self-kNN of the pool, resumable by query shard; the trained index is saved too."""
     import faiss
 
-    from .knn import build_index, rescore, search, set_nprobe
+    from .knn import build_index, has_faiss_gpu, rescore, search, set_nprobe
 
     knn_dir = out(cfg, "dedup", "knn")
     knn_dir.mkdir(parents=True, exist_ok=True)
@@ -166,9 +166,10 @@ def pool_knn(cfg: DictConfig, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 index = faiss.read_index(str(index_file))
                 set_nprobe(index, cfg.dedup.nprobe)
             else:
-                index = build_index(x, factory=cfg.dedup.index, nprobe=cfg.dedup.nprobe, seed=cfg.seed, use_gpu=False)
+                index = build_index(x, factory=cfg.dedup.index, nprobe=cfg.dedup.nprobe, seed=cfg.seed)
                 tmp = index_file.with_name(f".{index_file.name}.tmp{os.getpid()}")
-                faiss.write_index(index, str(tmp))
+                # GPU indexes are saved through their CPU copy (faiss cannot serialise them directly).
+                faiss.write_index(faiss.index_gpu_to_cpu(index) if has_faiss_gpu() else index, str(tmp))
                 os.replace(tmp, index_file)
         _, ids = search(index, x[start:stop], k, batch=cfg.dedup.query_batch)
         scores = rescore(x[start:stop], x, ids)

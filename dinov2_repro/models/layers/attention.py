@@ -104,11 +104,17 @@ def _flex_block_mask(groups: tuple[tuple[int, int], ...], device_str: str):
     return create_block_mask(same_sequence, B=None, H=None, Q_LEN=total, KV_LEN=total, device=device_str)
 
 
-def _flex(q: Tensor, k: Tensor, v: Tensor, groups: Groups) -> Tensor:
+@functools.lru_cache(maxsize=1)
+def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
+    # Eager flex_attention materialises the scores; compiled, it is a fused kernel that skips masked blocks.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, groups: Groups) -> Tensor:
     block_mask = _flex_block_mask(tuple(tuple(g) for g in groups), str(q.device))
-    out = flex_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=block_mask)
+    out = _compiled_flex_attention()(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=block_mask)
     return out[0].transpose(0, 1)
 
 
