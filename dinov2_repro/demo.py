@@ -57,5 +57,22 @@ def _curate(out: Path) -> str:
 
         root = write_demo_image_folder(out / "images")
         return f"ImageFolder:root={root}"
-    manifest = curate_demo_pool(out / "curation")
+    photos = _write_natural_images(out / "natural_images")
+    manifest = curate_demo_pool(out / "curation", overrides=[f"pool.folders=[{photos}]"])
     return f"Manifest:path={manifest}"
+
+
+def _write_natural_images(folder: Path) -> Path:
+    """scikit-image's offline sample photos as PNGs: the natural-image part of the pool."""
+    from PIL import Image
+
+    from .data.sample_data import natural_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in natural_images().items():
+        target = folder / f"{name}.png"
+        if not target.exists():
+            tmp = folder / f".{name}.tmp.png"
+            Image.fromarray(image).convert("RGB").save(tmp)
+            tmp.replace(target)
+    return folder

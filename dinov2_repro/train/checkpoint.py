@@ -9,10 +9,12 @@ finished; the pointer is replaced after that, so a crash never leaves a half che
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,15 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+@contextlib.contextmanager
+def _single_process_quiet():
+    # DCP warns on every call without a process group; a single process is a supported layout here.
+    with warnings.catch_warnings():
+        if not _distributed():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
@@ -70,7 +81,8 @@ def save_checkpoint(run_dir: str | os.PathLike, iteration: int, *, model: nn.Mod
         tmp.mkdir()
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    with _single_process_quiet():
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         torch.save({**meta, "iteration": iteration}, tmp / META_FILE)
@@ -136,7 +148,8 @@ def load_checkpoint(checkpoint: str | os.PathLike, *, model: nn.Module, optimize
     else:
         state = {"model": get_model_state_dict(model)}
     try:
-        dcp.load(state, checkpoint_id=str(checkpoint))
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(checkpoint))
     except Exception as err:
         raise RuntimeError(f"cannot load checkpoint {checkpoint}: {err}") from err
     if optimizer is not None:
