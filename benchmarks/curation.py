@@ -89,7 +89,7 @@ def knn_recall(x: np.ndarray, ids: np.ndarray, k: int, *, queries: int, seed: in
     return float(np.mean(hits))
 
 
-def run_dedup(n: int, *, dim: int = 384, k: int = 64, threshold: float = 0.6, nprobe: int = 16, seed: int = 0,
+def run_dedup(n: int, *, dim: int = 384, k: int = 64, threshold: float = 0.6, nprobe: int = 8, seed: int = 0,
               device: str = "cpu") -> dict:
     import faiss
     import torch
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["dedup", "quality", "all"], default="dedup")
     parser.add_argument("--quick", action="store_true", help="small smoke run (tests)")
+    parser.add_argument("--nprobe", type=int, default=8, help="IVF lists scanned per query (the curate stage's dedup.nprobe)")
     parser.add_argument("--n", type=int, default=None, help="pool size (default 1M, 20k with --quick)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--workdir", type=Path, default=Path("output/bench_curation"))
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
     if args.part in ("dedup", "all"):
         n = args.n or (20_000 if args.quick else 1_000_000)
-        result["dedup_cpu"] = run_dedup(n)
+        result["dedup_cpu"] = run_dedup(n, nprobe=args.nprobe)
         print(json.dumps(result["dedup_cpu"], indent=1))
         import torch
 
