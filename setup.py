@@ -1,4 +1,10 @@
+import os
+
 from setuptools import find_packages, setup
+
+# faiss-cpu and faiss-gpu both install the module `faiss`: exactly one may be present. GPU machines
+# install with DINOV2_REPRO_FAISS=gpu so that faiss-cpu is not pulled in beside the `gpu` extra.
+FAISS = [] if os.environ.get("DINOV2_REPRO_FAISS") == "gpu" else ["faiss-cpu"]
 
 setup(
     name="dinov2_repro",
@@ -17,7 +23,7 @@ setup(
         "omegaconf>=2.3",
         "safetensors",
         "timm>=1.0",
-        "faiss-cpu",
+        *FAISS,
         "scikit-learn",
         "rasterio",
         "tqdm",
