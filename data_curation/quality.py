@@ -201,7 +201,7 @@ def pair_metrics(x: np.ndarray, positives: set, ignored: set, threshold: float, 
     src, dst, sims = src[keep], dst[keep], sims[keep]
     label = np.array([(int(a), int(b)) in positives for a, b in zip(src, dst)], bool)
     order = np.argsort(-sims, kind="stable")
-    label_sorted, sims_sorted = label[order], sims[order]
+    label_sorted = label[order]
     tp = np.cumsum(label_sorted)
     precision_curve = tp / np.arange(1, len(tp) + 1)
     total = max(len(positives), 1)

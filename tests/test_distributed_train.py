@@ -5,8 +5,6 @@ KoLeo is excluded (weight 0): the recipe computes it per rank, so it legitimatel
 Stochastic depth is off so both runs compute the same function."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist

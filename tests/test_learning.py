@@ -38,7 +38,7 @@ def trained_run(demo_image_folder, tmp_path_factory):
 
 def test_knn_beats_random_init(trained_run):
     cfg, run_dir = trained_run
-    report = landcover_knn_report(run_dir / TEACHER_EXPORT, cfg)
+    report = landcover_knn_report(run_dir / TEACHER_EXPORT, size=cfg.crops.global_crops_size)
     print(json.dumps(report, indent=2))
     assert report["knn_top1_trained"] >= report["knn_top1_random_init"] + KNN_MARGIN, report
 

@@ -38,10 +38,6 @@ def test_lr_scaling_rule():
 
 
 def test_param_groups_decay_multipliers_and_last_layer():
-    student = torch.nn.ModuleDict({
-        "backbone": torch.nn.Module(),
-        "dino_head": torch.nn.Module(),
-    })
     names = {
         "backbone.patch_embed.proj.weight": (4, 4), "backbone.pos_embed": (1, 4, 4), "backbone.blocks.0.attn.qkv.weight": (4, 4),
         "backbone.blocks.0.attn.qkv.bias": (4,), "backbone.blocks.1.ls1.gamma": (4,), "backbone.blocks.1.mlp.fc1.weight": (4, 4),

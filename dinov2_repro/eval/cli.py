@@ -46,21 +46,10 @@ def run_knn(args: argparse.Namespace) -> dict:
 
 
 def run_landcover(args: argparse.Namespace) -> dict:
-    from omegaconf import OmegaConf
-
     from .landcover import landcover_knn_report
 
-    _, meta = load_backbone(args.backbone)
-    # The report compares against a random init of the same architecture, built from the header.
-    student = OmegaConf.create({
-        "arch": meta["arch"], "patch_size": int(meta["patch_size"]), "in_chans": int(meta["in_chans"]),
-        "drop_path_uniform": True, "layerscale": 1e-5, "ffn_layer": meta["ffn"], "qkv_bias": True, "proj_bias": True,
-        "ffn_bias": True, "num_register_tokens": int(meta["num_register_tokens"]),
-        "interpolate_antialias": bool(meta.get("interpolate_antialias", False)),
-        "interpolate_offset": float(meta.get("interpolate_offset", 0.1)),
-    })
-    cfg = OmegaConf.create({"student": student, "crops": {"global_crops_size": args.size or int(meta["img_size"])}})
-    return {"task": "landcover_knn", "backbone": str(args.backbone), **landcover_knn_report(args.backbone, cfg, k=args.k)}
+    return {"task": "landcover_knn", "backbone": str(args.backbone),
+            **landcover_knn_report(args.backbone, size=args.size or None, k=args.k)}
 
 
 def main(argv: Sequence[str]) -> int:

@@ -6,23 +6,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from ..data.sample_data import landcover_tiles
-from ..export import load_backbone
-from ..train.meta_arch import build_backbone
+from ..export import load_backbone, model_kwargs_from_metadata
+from ..models import DinoVisionTransformer
 from .knn import images_to_tensor, knn_accuracy
 
 
-def landcover_knn_report(export_path: str | Path, cfg: DictConfig, *, k: int = 20, seed: int = 0) -> dict[str, Any]:
+def landcover_knn_report(export_path: str | Path, *, size: int | None = None, k: int = 20, seed: int = 0) -> dict[str, Any]:
+    """kNN top-1 of the exported backbone vs the same architecture (rebuilt from the export's
+    header) at a seeded random init; tiles are resized to ``size`` (default: the export's img_size)."""
     trained, meta = load_backbone(export_path)
-    size = int(cfg.crops.global_crops_size)
+    size = int(size or meta["img_size"])
     train_x, train_y, test_x, test_y = landcover_tiles(seed=seed)
     to_tensor = lambda x: images_to_tensor(x, mean=meta["mean"], std=meta["std"], size=size)  # noqa: E731
     train_t, test_t = to_tensor(train_x), to_tensor(test_x)
     train_l, test_l = torch.as_tensor(train_y).long(), torch.as_tensor(test_y).long()
     torch.manual_seed(seed)
-    random_init = build_backbone(cfg.student, img_size=size, drop_path_rate=0.0)
+    random_init = DinoVisionTransformer(**model_kwargs_from_metadata(meta))
     accuracy_trained = knn_accuracy(trained, train_t, train_l, test_t, test_l, k=k)
     accuracy_random = knn_accuracy(random_init, train_t, train_l, test_t, test_l, k=k)
     majority = float((test_l == torch.bincount(train_l).argmax()).float().mean())
