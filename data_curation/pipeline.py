@@ -17,11 +17,12 @@ far, with the reason each was kept) and writes its own atomically.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf, DictConfig
+
+from dinov2_repro.io.files import atomic_output
 
 from .io import atomic_save_npz, atomic_write_json, read_json, read_manifest, resolve_resource
 
@@ -167,10 +168,9 @@ def pool_knn(cfg: DictConfig, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 set_nprobe(index, cfg.dedup.nprobe)
             else:
                 index = build_index(x, factory=cfg.dedup.index, nprobe=cfg.dedup.nprobe, seed=cfg.seed)
-                tmp = index_file.with_name(f".{index_file.name}.tmp{os.getpid()}")
                 # GPU indexes are saved through their CPU copy (faiss cannot serialise them directly).
-                faiss.write_index(faiss.index_gpu_to_cpu(index) if has_faiss_gpu() else index, str(tmp))
-                os.replace(tmp, index_file)
+                with atomic_output(index_file) as tmp:
+                    faiss.write_index(faiss.index_gpu_to_cpu(index) if has_faiss_gpu() else index, str(tmp))
         _, ids = search(index, x[start:stop], k, batch=cfg.dedup.query_batch)
         scores = rescore(x[start:stop], x, ids)
         atomic_save_npz(path, scores=scores, ids=ids)

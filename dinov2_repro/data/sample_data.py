@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..io.files import atomic_output
+
 LANDSAT_BANDS = ("10", "20", "30", "40", "50", "70")  # ETM+ blue, green, red, NIR, SWIR1, SWIR2
 LANDCOVER_CLASSES = ("developed", "agriculture", "herbaceous", "shrubland", "forest", "water", "sediment")
 # skimage.data images that are inside the wheel (checked offline); grayscale ones are stacked to RGB.
@@ -113,18 +115,11 @@ def write_landsat_stack(out_path: str | os.PathLike) -> Path:
     with rasterio.open(paths[0]) as src:
         profile = src.profile.copy()
     profile.update(count=len(paths), driver="GTiff")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tif")
-    os.close(fd)
-    try:
+    with atomic_output(out_path, suffix=".tif") as tmp:
         with rasterio.open(tmp, "w", **profile) as dst:
             for i, path in enumerate(paths, start=1):
                 with rasterio.open(path) as src:
                     dst.write(src.read(1), i)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return out_path
 
 
