@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dinov2_repro.export import timm_model_for  # noqa: E402
+from dinov2_repro.backbone_file import timm_model_for  # noqa: E402
 from dinov2_repro.io.files import atomic_write_json  # noqa: E402
 from dinov2_repro.models import build_vit  # noqa: E402
 

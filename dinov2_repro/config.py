@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .io.files import atomic_write_text  # noqa: F401  (importable from here: older callers use this path)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+# The recipes ship inside the package (dinov2_repro/configs is the repository's configs/ folder,
+# linked in a source checkout and copied into a wheel), so they are found the same way in both.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULTS_PATH = CONFIG_DIR / "ssl_default_config.yaml"
 
 

@@ -32,7 +32,7 @@ def run_demo(*, output_dir: str | Path = "demo_output", overrides: tuple[str, ..
     _banner("2/3 pretrain the tiny ViT (DINO + iBOT + KoLeo) on CPU")
     cfg = load_config(CONFIG_DIR / "train" / "vit_tiny_cpu.yaml",
                       [f"train.dataset_path={dataset_spec}", f"train.output_dir={out / 'train'}", *overrides])
-    from .train.ssl import TEACHER_EXPORT, run_ssl_training
+    from .train.pretrain import TEACHER_EXPORT, run_ssl_training
 
     started = time.perf_counter()
     last = run_ssl_training(cfg)
@@ -49,7 +49,7 @@ def run_demo(*, output_dir: str | Path = "demo_output", overrides: tuple[str, ..
 
 def _curate(out: Path) -> str:
     try:
-        from data_curation.demo import curate_demo_pool
+        from dinov2_repro.curation.demo import curate_demo_pool
     except ImportError:  # curation stage not installed: train on the raw shipped pool
         from .data.sample_data import write_demo_image_folder
 

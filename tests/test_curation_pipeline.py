@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_curation.cli import main
-from data_curation.embed import SHARD_DELAY_ENV, load_embeddings
-from data_curation.io import read_json, read_manifest, resolve_row_path
+from dinov2_repro.curation.cli import main
+from dinov2_repro.curation.embed import SHARD_DELAY_ENV, load_embeddings
+from dinov2_repro.curation.io import read_json, read_manifest, resolve_row_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def test_embed_killed_partway_resumes_to_identical_output(tmp_path):
     interrupted = tmp_path / "interrupted"
     shards = interrupted / "embeddings" / "pool"
     env = dict(os.environ, **{SHARD_DELAY_ENV: "0.5"})
-    proc = subprocess.Popen([sys.executable, "-m", "data_curation.cli", "embed", f"output_dir={interrupted}", *common],
+    proc = subprocess.Popen([sys.executable, "-m", "dinov2_repro.curation.cli", "embed", f"output_dir={interrupted}", *common],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 60
@@ -195,8 +195,8 @@ def test_dedup_refuses_to_remove_most_of_the_pool(tmp_path, capsys):
 
 
 def test_shipped_configs_load_and_resolve_package_paths():
-    from data_curation.config import CURATION_CONFIG_DIR, load_curation_config
-    from data_curation.io import resolve_resource
+    from dinov2_repro.curation.config import CURATION_CONFIG_DIR, load_curation_config
+    from dinov2_repro.curation.io import resolve_resource
 
     for path in sorted(CURATION_CONFIG_DIR.glob("*.yaml")):
         cfg = load_curation_config(path)
@@ -208,10 +208,10 @@ def test_shipped_configs_load_and_resolve_package_paths():
 
 
 def test_embed_with_a_multispectral_project_export(tmp_path):
-    export = pytest.importorskip("dinov2_repro.export")
+    export = pytest.importorskip("dinov2_repro.backbone_file")
     import torch
 
-    from data_curation.images import ManifestImages
+    from dinov2_repro.curation.images import ManifestImages
     from dinov2_repro.models import DinoVisionTransformer
 
     torch.manual_seed(0)

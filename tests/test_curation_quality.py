@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_curation.quality import build_quality_pool, labelled_pairs, pair_metrics, run_quality
+from dinov2_repro.curation.quality import build_quality_pool, labelled_pairs, pair_metrics, run_quality
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from dinov2_repro.export import (
+from dinov2_repro.backbone_file import (
     from_timm_state_dict,
     load_backbone,
     load_backbone_into_timm,

@@ -75,7 +75,7 @@ def test_scaling_policy_is_per_scene_with_nodata_zero(landsat_stack_path: Path) 
 
 def test_curation_and_training_see_the_same_pixels(landsat_stack_path: Path, tmp_path: Path) -> None:
     """The embedder that makes dedup decisions and the trainer read a row identically."""
-    from data_curation.images import load_row_image
+    from dinov2_repro.curation.images import load_row_image
 
     photo = tmp_path / "photo.png"
     rng = np.random.default_rng(0)

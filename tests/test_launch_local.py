@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from launch.local import exit_code_of, run_local
-from launch.options import LauncherOptions, add_launcher_arguments, options_from_args
+from dinov2_repro.launch.local import exit_code_of, run_local
+from dinov2_repro.launch.options import LauncherOptions, add_launcher_arguments, options_from_args
 
 ALL_REDUCE_SCRIPT = textwrap.dedent("""
     import json, os, sys

@@ -119,7 +119,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(image_root, tmp_path):
 def test_corrupt_files_are_skipped_and_export_loads_in_timm(image_root, tmp_path):
     import shutil
 
-    from dinov2_repro.export import load_backbone, load_backbone_into_timm
+    from dinov2_repro.backbone_file import load_backbone, load_backbone_into_timm
 
     root = tmp_path / "images"
     root.mkdir()

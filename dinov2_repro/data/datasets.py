@@ -3,8 +3,13 @@
 - ``ImageFolder:root=DIR[:extensions=jpg,png][:labels=subdirs|none]``: every image under DIR
   (recursive, sorted), read with PIL as RGB. Labels: index of the first-level subfolder
   (``labels=subdirs``) or -1 (default ``none``).
+- ``Sample:[tile=56][:root=DIR]``: the images that installed data packages ship (Landsat-7
+  true-colour tiles, the RMNP scene, scikit-image photos; ``dinov2_repro.data.sample_data``),
+  cut into ``tile`` px PNGs once under ``root`` (default ``$DINOV2_REPRO_CACHE`` or
+  ``~/.cache/dinov2_repro``, in ``sample_images_<tile>``) and read as an ImageFolder. Needs no
+  dataset on disk: the tiny CPU recipe's default.
 - ``Manifest:path=FILE.jsonl[:scale=...][:percentiles=2,98]``: the curation manifest
-  (architecture.md). Rows with ``window`` or ``bands``, or a GeoTIFF path (.tif/.tiff/.vrt/.jp2), are
+  (format in ``dinov2_repro.io.manifest``). Rows with ``window`` or ``bands``, or a GeoTIFF path (.tif/.tiff/.vrt/.jp2), are
   read through rasterio; other rows with PIL. Relative paths are relative to the manifest's folder.
   ``label`` may be an int or a class name (names map to indices in sorted order); missing = -1.
   ``.parquet`` manifests need pyarrow.
@@ -253,6 +258,11 @@ def _int_option(options: dict[str, str], key: str, default: int | None, spec: st
         raise ValueError(f"dataset spec {spec!r}: {key} must be an integer, got {value!r}") from None
 
 
+def sample_cache_dir() -> Path:
+    """Where ``Sample:`` builds its images: $DINOV2_REPRO_CACHE, else ~/.cache/dinov2_repro."""
+    return Path(os.environ.get("DINOV2_REPRO_CACHE") or Path.home() / ".cache" / "dinov2_repro")
+
+
 def build_dataset(spec: str) -> Dataset:
     """Build a dataset from ``Name:key=value:...`` (see the module docstring for names and keys)."""
     name, options = parse_spec(spec)
@@ -261,6 +271,12 @@ def build_dataset(spec: str) -> Dataset:
             raise ValueError(f"dataset spec {spec!r}: ImageFolder needs root=DIR")
         extensions = tuple(options.pop("extensions", ",".join(IMAGE_EXTENSIONS)).split(","))
         dataset: Dataset = ImageFolderDataset(root=options.pop("root"), extensions=extensions, labels=options.pop("labels", "none"))
+    elif name == "Sample":
+        tile = _int_option(options, "tile", 56, spec)
+        root = Path(options.pop("root")) if "root" in options else sample_cache_dir() / f"sample_images_{tile}"
+        from .sample_data import write_demo_image_folder
+
+        dataset = ImageFolderDataset(root=write_demo_image_folder(root, tile=tile))
     elif name == "Manifest":
         if "path" not in options:
             raise ValueError(f"dataset spec {spec!r}: Manifest needs path=FILE")
@@ -278,7 +294,7 @@ def build_dataset(spec: str) -> Dataset:
             max_nodata=float(options.pop("max_nodata", "0.5")),
         )
     else:
-        raise ValueError(f"dataset spec {spec!r}: unknown dataset {name!r} (ImageFolder, Manifest, GeoTiff)")
+        raise ValueError(f"dataset spec {spec!r}: unknown dataset {name!r} (ImageFolder, Sample, Manifest, GeoTiff)")
     if options:
         raise ValueError(f"dataset spec {spec!r}: unknown keys {sorted(options)} for {name}")
     return dataset

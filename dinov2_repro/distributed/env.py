@@ -6,7 +6,7 @@ Sources, in order of precedence (``detect_env``):
    SLURM_NTASKS_PER_NODE or SLURM_TASKS_PER_NODE, the first host of the step/job node
    list as master address and a master port derived from SLURM_JOB_ID (every task of
    the job computes the same one without talking to the others).
-2. **torchrun** (or ``launch.local.run_local``): RANK, WORLD_SIZE, LOCAL_RANK,
+2. **torchrun** (or ``dinov2_repro.launch.local.run_local``): RANK, WORLD_SIZE, LOCAL_RANK,
    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
 3. **single** process.
 
