@@ -13,7 +13,7 @@ import numpy as np
 
 from dinov2_repro.io.files import atomic_write_json, is_image_file
 from dinov2_repro.io.manifest import portable_path, read_manifest, write_manifest
-from dinov2_repro.io.raster import check_bands, tile_windows
+from dinov2_repro.io.raster import check_bands, tile_windows, window_bounds
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ def tile_scene(
     """Manifest rows of the valid tiles of one scene, and counts for the report."""
     import rasterio
     from rasterio.windows import Window
-    from rasterio.windows import bounds as window_bounds
 
     scene = Path(scene)
     if not scene.is_file():
@@ -78,7 +77,7 @@ def tile_scene(
                 "bands": [int(b) for b in band_list],
                 "scene_id": scene_id_of(scene),
                 "crs": crs,
-                "bounds": list(window_bounds(Window(*window), src.transform)) if crs else None,
+                "bounds": window_bounds(window, src.transform) if crs else None,
                 "gsd": gsd,
                 "width": w,
                 "height": h,

@@ -33,12 +33,12 @@ FAST = ["embed.embedder=pixel", "embed.progress=false", "num_threads=1", "device
 def _nodata_scene(path: Path) -> Path:
     """A 2-band 96x96 GeoTIFF whose left third is nodata."""
     import rasterio
-    from rasterio.transform import from_origin
+    from affine import Affine
 
     data = np.random.default_rng(0).random((2, 96, 96)).astype(np.float32)
     data[:, :, :32] = -9999.0
     with rasterio.open(path, "w", driver="GTiff", width=96, height=96, count=2, dtype="float32", nodata=-9999.0,
-                       crs="EPSG:32633", transform=from_origin(500000, 4000000, 10, 10)) as dst:
+                       crs="EPSG:32633", transform=Affine.translation(500000, 4000000) @ Affine.scale(10, -10)) as dst:
         dst.write(data)
     return path
 

@@ -40,6 +40,16 @@ def tile_windows(width: int, height: int, size: int, stride: int) -> Iterator[tu
             yield (col_off, row_off, size, size)
 
 
+def window_bounds(window: Sequence[int], transform) -> list[float]:
+    """[left, bottom, right, top] of ``window`` ([col_off, row_off, width, height]) in the CRS of
+    ``transform`` (an affine.Affine). Written with ``@``: rasterio's own helper still uses the
+    ``*`` form that affine deprecates, one warning per tile."""
+    col_off, row_off, width, height = window
+    left, bottom = transform @ (col_off, row_off + height)
+    right, top = transform @ (col_off + width, row_off)
+    return [left, bottom, right, top]
+
+
 def parse_float_list(text: str, *, what: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
@@ -136,14 +146,20 @@ def read_window(path: str | os.PathLike, bands: Sequence[int], window: Sequence[
 
     bands = list(bands)
     with rasterio.open(path) as src:
-        win = Window(*window) if window is not None else None
-        inside = win is None or (win.col_off >= 0 and win.row_off >= 0 and win.col_off + win.width <= src.width
-                                 and win.row_off + win.height <= src.height)
-        data = src.read(bands, window=win, boundless=not inside, masked=False).astype(np.float64)
-        # Outside the scene, the boundless mask read is 0: those pixels are nodata even when the
-        # file declares no nodata value.
-        masks = src.read_masks(bands, window=win, boundless=not inside)
-        valid = valid_mask(data, src.nodatavals, bands, masks)
+        col_off, row_off, width, height = (int(v) for v in window) if window is not None else (0, 0, src.width, src.height)
+        # Pixels outside the scene (a window overhanging its edge) are nodata even when the file
+        # declares no nodata value: only the part inside is read (rasterio's boundless read goes
+        # through deprecated affine arithmetic), the rest stays invalid.
+        data = np.zeros((len(bands), height, width))
+        valid = np.zeros(data.shape, dtype=bool)
+        c0, r0 = max(col_off, 0), max(row_off, 0)
+        c1, r1 = min(col_off + width, src.width), min(row_off + height, src.height)
+        if c1 > c0 and r1 > r0:
+            inside = Window(c0, r0, c1 - c0, r1 - r0)
+            part = src.read(bands, window=inside).astype(np.float64)
+            target = (slice(None), slice(r0 - row_off, r1 - row_off), slice(c0 - col_off, c1 - col_off))
+            data[target] = part
+            valid[target] = valid_mask(part, src.nodatavals, bands, src.read_masks(bands, window=inside))
     low, high = ranges[:, 0, None, None], ranges[:, 1, None, None]
     with np.errstate(invalid="ignore"):  # NaN pixels are invalid and zeroed just below
         scaled = np.clip((data - low) / (high - low), 0.0, 1.0)
