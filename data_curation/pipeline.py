@@ -99,13 +99,13 @@ def train_sscd_if_missing(cfg: DictConfig) -> Path:
     hold = int(cfg.sscd.img_size * 1.5)
     bands = list(cfg.embed.bands) if cfg.embed.bands else None
     images = torch.stack([resize_tensor(torch.from_numpy(load_row_image(rows[i], manifest.parent, bands)), hold) for i in picks])
-    from .embed import resolve_device
+    from dinov2_repro.device import resolve_device
 
     model, losses = train_copy_detector(
         images, steps=cfg.sscd.steps, batch_size=cfg.sscd.batch_size, img_size=cfg.sscd.img_size,
         embed_dim=cfg.sscd.embed_dim, width=cfg.sscd.width, lr=cfg.sscd.lr, weight_decay=cfg.sscd.weight_decay,
         temperature=cfg.sscd.temperature, koleo_weight=cfg.sscd.koleo_weight, seed=cfg.seed,
-        dihedral_augment=not cfg.embed.dihedral_pool, device=str(resolve_device(cfg.device)))
+        dihedral_augment=not cfg.embed.dihedral_pool, device=str(resolve_device(cfg.device, key="device")))
     save_copy_detector(model.cpu(), path, {"trained_on": str(manifest), "images": len(images), "steps": cfg.sscd.steps,
                                            "final_loss": round(losses[-1], 4)})
     return path

@@ -31,10 +31,11 @@ def register_info(subparsers: argparse._SubParsersAction) -> None:
 def _run_info(args: argparse.Namespace) -> int:
     import torch
 
+    from .device import resolve_device
     from .models import available_archs, build_vit
     from .models.layers.attention import resolve_backend
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     print(json.dumps({"torch": torch.__version__, "device": str(device),
                       "attention_backend": resolve_backend("auto", device)}))
     for arch in available_archs():
