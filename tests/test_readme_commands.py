@@ -93,3 +93,23 @@ def test_readme_command(readme: str, line: str, monkeypatch: pytest.MonkeyPatch)
     assert getattr(args, "run", None) is not None, f"{readme}: `{line}` names no runnable verb"
     if not PLACEHOLDER.search(line):
         _validate_config(args)
+
+
+def test_layout_section_matches_the_tree() -> None:
+    """Every path the README's Layout table names exists, and every package folder is named."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## Layout", 1)[1].split("\n## ", 1)[0]
+    named: set[Path] = set()
+    for row in section.splitlines():
+        tokens = re.findall(r"`([\w./-]+(?:/|\.py|\.yaml|\.ini))`", row)
+        if not tokens:
+            continue
+        first = ROOT / tokens[0]
+        base = first if first.is_dir() else first.parent
+        for token in tokens:
+            found = next((p for p in (ROOT / token, base / token) if p.exists()), None)
+            assert found is not None, f"README Layout names {token!r} (row: {row[:60]}...) but it does not exist"
+            named.add(found.resolve())
+    folders = [p for p in (ROOT / "dinov2_repro").iterdir() if (p / "__init__.py").is_file() or p.name == "configs"]
+    unnamed = [p.name for p in folders if p.resolve() not in named]
+    assert not unnamed, f"README Layout does not name dinov2_repro/{unnamed}"

