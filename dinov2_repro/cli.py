@@ -64,6 +64,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse
         if not hasattr(args, "overrides"):
             parser.error(f"`dinov2-repro {args.verb}` takes no key=value overrides, got {' '.join(overrides)}")
         args.overrides = [*args.overrides, *overrides]
+    # The positional list takes any word; only key=value ones are overrides.
+    stray = [token for token in getattr(args, "overrides", []) if not OVERRIDE.match(token)]
+    if stray:
+        parser.error(f"unexpected argument(s) {' '.join(stray)}: overrides are key=value "
+                     f"(see `dinov2-repro {args.verb} --help`)")
     return args
 
 
