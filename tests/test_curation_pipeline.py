@@ -119,6 +119,7 @@ def _mtimes(folder: Path, pattern: str) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob(pattern))}
 
 
+@pytest.mark.faults
 def test_embed_killed_partway_resumes_to_identical_output(tmp_path):
     manifest = _pool_manifest(tmp_path)
     total = -(-len(read_manifest(manifest)) // 8)
@@ -171,6 +172,7 @@ def test_dedup_resumes_from_finished_knn_shards(tmp_path):
     assert read_json(out / "dedup" / "selected.json") == first
 
 
+@pytest.mark.slow
 def test_embed_with_project_vit_and_two_processes(tmp_path):
     manifest = _pool_manifest(tmp_path)
     rows = read_manifest(manifest)[:6]

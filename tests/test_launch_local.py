@@ -56,6 +56,7 @@ def assert_not_running(pid_file):
         os.kill(pid, 0)
 
 
+@pytest.mark.slow
 def test_two_ranks_all_reduce_over_gloo(tmp_path):
     script = tmp_path / "all_reduce.py"
     script.write_text(ALL_REDUCE_SCRIPT)
