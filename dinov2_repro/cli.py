@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("overrides", nargs="*", help="key=value overrides of configs/train/vit_tiny_cpu.yaml")
     sub.add_parser("info", help="environment, attention backend and backbone sizes")
+    from .plan.cli import register as register_plan
+
+    register_plan(sub)
     return parser
 
 
@@ -105,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
 
     try:
+        if hasattr(args, "run"):  # verbs registered by their own module
+            return args.run(args)
         return _COMMANDS[args.verb](args, argv[1:])
     except ConfigError as err:
         print(f"dinov2-repro {args.verb}: config error: {err}", file=sys.stderr)

@@ -172,6 +172,7 @@ class StepTrace:
     activation_bytes: int            # alive at the end of forward beyond the persistent bytes
     peak_bytes: int                  # high-water mark over forward, backward and optimizer step
     unit_param_counts: list[int]     # unsharded parameters per FSDP unit (for the compute-dtype copies)
+    student_shard_shapes: dict[str, tuple[int, ...]]  # local shard shape of every student parameter
 
 
 def planning_batch(cfg: DictConfig, *, batch_size: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
@@ -301,6 +302,7 @@ def trace_step(cfg: DictConfig, *, world_size: int, build_meta_arch: Callable[[D
         teacher_flops.remove()
         unit_sizes = _fsdp_unit_sizes(model) if shard else []
         student_bytes, teacher_bytes = _local_bytes(student.parameters()), _local_bytes(model.teacher.parameters())
+        shard_shapes = {name: tuple(getattr(p, "_local_tensor", p).shape) for name, p in student.named_parameters()}
         state_bytes = _local_bytes(t for t in states if t.dim() > 0)
     forward, backward = flops_by_kind(forward_counts), flops_by_kind(backward_counts)
     flops = {
@@ -319,5 +321,5 @@ def trace_step(cfg: DictConfig, *, world_size: int, build_meta_arch: Callable[[D
         kept_fraction=kept_tokens[0] / max(kept_tokens[1], 1), n_masked_tokens=int(batch["mask_indices_list"].shape[0]),
         student_param_bytes=student_bytes, teacher_param_bytes=teacher_bytes, grad_bytes=grad_bytes,
         optimizer_state_bytes=state_bytes, persistent_bytes=persistent, activation_bytes=activations,
-        peak_bytes=live.peak, unit_param_counts=unit_sizes,
+        peak_bytes=live.peak, unit_param_counts=unit_sizes, student_shard_shapes=shard_shapes,
     )
