@@ -88,11 +88,16 @@ def measure_step(out: Path, *, shard: bool, activation_checkpointing: str, rank:
     return {"peak": max(inside), "shapes": shapes}
 
 
+def _modes(world_size: int) -> tuple[str, ...]:
+    # Checkpointing is measured at 2 ranks only: the 2-minute test budget.
+    return ("none", "blocks") if world_size == 2 else ("none",)
+
+
 def _worker(rank: int, world_size: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     results = {mode: measure_step(Path(out), shard=True, activation_checkpointing=mode, rank=rank)
-               for mode in ("none", "blocks")}
+               for mode in _modes(world_size)}
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -131,12 +136,12 @@ def test_planner_memory_matches_measured_cpu_peak(tmp_path, world_size):
     from dinov2_repro.plan.trace import trace_step
 
     measured = _measured(tmp_path, world_size)
-    for mode in ("none", "blocks"):
+    for mode in _modes(world_size):
         planned = trace_step(plan_cfg(mode), world_size=world_size)
         real = measured[mode]["peak"]
         error = abs(planned.peak_bytes - real) / real
         assert error < TOLERANCE, f"{mode}, {world_size} rank(s): planned {planned.peak_bytes} vs measured {real} ({error:.1%})"
         if world_size == 2:
             assert planned.student_shard_shapes == measured[mode]["shapes"]
-    # Checkpointing must show up in both: fewer bytes at the peak.
-    assert measured["blocks"]["peak"] < measured["none"]["peak"]
+    if world_size == 2:  # checkpointing must show up in the measurement: fewer bytes at the peak
+        assert measured["blocks"]["peak"] < 0.9 * measured["none"]["peak"]

@@ -6,7 +6,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .layers import Block, PatchEmbed
@@ -89,7 +88,6 @@ class DinoVisionTransformer(nn.Module):
             for rate in rates
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.checkpointed_blocks: frozenset[int] = frozenset()
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -121,15 +119,12 @@ class DinoVisionTransformer(nn.Module):
         if mode == "every_k" and every < 1:
             raise ValueError(f"activation checkpointing every_k needs k >= 1, got {every}")
         step = {"none": 0, "blocks": 1, "every_k": every}[mode]
-        self.checkpointed_blocks = frozenset(range(0, self.depth, step)) if step else frozenset()
+        for index, block in enumerate(self.blocks):
+            block.checkpoint_activations = bool(step) and index % step == 0
 
-    def _call_block(self, index: int, block: nn.Module, x: Tensor, groups) -> Tensor:
-        if index not in self.checkpointed_blocks or not (self.training and torch.is_grad_enabled()):
-            return block(x, groups)
-        # Non-reentrant checkpointing composes with FSDP2's hooks (the block is called through
-        # __call__ again in recomputation, which unshards it again), and preserve_rng_state
-        # makes efficient stochastic depth draw the same subset in recomputation as in forward.
-        return torch.utils.checkpoint.checkpoint(block, x, groups, use_reentrant=False, preserve_rng_state=True)
+    @property
+    def checkpointed_blocks(self) -> frozenset[int]:
+        return frozenset(i for i, block in enumerate(self.blocks) if block.checkpoint_activations)
 
     # ---- tokens ----------------------------------------------------------------------
     def interpolate_pos_encoding(self, height: int, width: int, dtype: torch.dtype) -> Tensor:
@@ -160,7 +155,7 @@ class DinoVisionTransformer(nn.Module):
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in crops]) if len(crops) > 1 else crops[0].reshape(-1, crops[0].shape[-1])
         collected = []
         for index, block in enumerate(self.blocks if blocks is None else blocks):
-            x = self._call_block(index, block, x, groups)
+            x = block(x, groups)
             if index in collect:
                 collected.append(x)
         return x, groups, collected

@@ -157,7 +157,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         ("student forward", tf(flops["student_forward"])),
         ("student backward", tf(flops["student_backward"])),
         ("teacher forward", tf(flops["teacher_forward"])),
-        ("  of which heads (fwd+bwd)", tf(flops["heads_forward"] + flops["heads_backward"])),
+        ("  of which student heads", tf(flops["student_heads_forward"] + flops["student_heads_backward"])),
         ("total per GPU", tf(flops["total"])),
         ("per image", tf(plan["flops_per_image"])),
         ("per step (all GPUs)", f"{plan['flops_per_step'] / 1e15:10.2f} PFLOP"),

@@ -5,9 +5,9 @@ ViT-g costs no memory), sharded with the real FSDP2 code over a *fake* process g
 planned world size, and one real step (teacher forward, packed student forward with efficient
 stochastic depth, heads, losses, backward, AdamW) runs under two dispatch modes:
 
-- ``FlopCounterMode`` counts the matmul/conv/attention FLOPs per module, forward and backward
-  separately (the CPU flash-attention kernels that fake tensors dispatch to get formulas here,
-  torch only ships the CUDA ones);
+- ``PartFlops`` counts the matmul/conv/attention FLOPs with FlopCounterMode's formulas, forward
+  and backward separately, per part (teacher, student heads; the CPU flash-attention kernels
+  that fake tensors dispatch to get formulas here, torch only ships the CUDA ones);
 - ``LiveBytes`` follows every tensor storage that the step creates and frees and records the
   peak of the bytes alive, which is what the caching allocator of a GPU has to hold at least.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import weakref
 from typing import Any, Callable, Iterator
 from unittest import mock
@@ -48,47 +49,34 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
 
 
-def flops_by_kind(counts: dict[str, dict[Any, int]]) -> dict[str, int]:
-    """FlopCounterMode counts split into backbone, heads and other (losses, centering, KoLeo).
+class PartFlops(TorchDispatchMode):
+    """FLOPs (FlopCounterMode's formulas) in total and per named part of the model.
 
-    FlopCounterMode names a module by the class of the outermost module it saw run, so the
-    top-level names are the backbones and heads that the meta-arch calls directly."""
-    split = {"backbone": 0, "heads": 0}
-    for name, ops in counts.items():
-        if name != "Global" and "." not in name:
-            split["heads" if "Head" in name else "backbone"] += sum(ops.values())
-    split["total"] = sum(counts.get("Global", {}).values())
-    split["other"] = split["total"] - split["backbone"] - split["heads"]
-    return split
+    A part is "active" while one of its modules runs forward (forward hooks) or backward (full
+    backward hooks). FlopCounterMode's own per-module attribution is not used: its module
+    tracker keeps the tensors recomputed by activation checkpointing alive through backward,
+    which would falsify the memory trace that runs in the same pass."""
 
-
-def _snapshot(counter: FlopCounterMode) -> dict[str, dict[Any, int]]:
-    return {name: dict(ops) for name, ops in counter.get_flop_counts().items()}
-
-
-def _minus(after: dict[str, dict[Any, int]], before: dict[str, dict[Any, int]]) -> dict[str, dict[Any, int]]:
-    return {name: {op: n - before.get(name, {}).get(op, 0) for op, n in ops.items()} for name, ops in after.items()}
-
-
-class ScopedFlops(TorchDispatchMode):
-    """Counts FLOPs (FlopCounterMode's formulas) only while a module of ``scope`` runs forward:
-    the teacher's share of a forward pass whose module names FlopCounterMode cannot tell apart."""
-
-    def __init__(self, scope: nn.Module) -> None:
+    def __init__(self, parts: dict[str, list[nn.Module]], *, backward_parts: tuple[str, ...] = ()) -> None:
         super().__init__()
-        self.flops = 0
-        self._depth = 0
+        self.total = 0
+        self.by_part = {name: 0 for name in parts}
+        self._active: dict[str, int] = {name: 0 for name in parts}
         self._registry = flop_counter().flop_registry
         self._handles = []
-        for child in scope.children():
-            self._handles.append(child.register_forward_pre_hook(lambda *a: self._enter()))
-            self._handles.append(child.register_forward_hook(lambda *a: self._exit(), always_call=True))
+        for name, modules in parts.items():
+            for module in modules:
+                self._handles.append(module.register_forward_pre_hook(functools.partial(self._enter, name)))
+                self._handles.append(module.register_forward_hook(functools.partial(self._exit, name), always_call=True))
+                if name in backward_parts:
+                    self._handles.append(module.register_full_backward_pre_hook(functools.partial(self._enter, name)))
+                    self._handles.append(module.register_full_backward_hook(functools.partial(self._exit, name)))
 
-    def _enter(self) -> None:
-        self._depth += 1
+    def _enter(self, name: str, *args: Any) -> None:
+        self._active[name] += 1
 
-    def _exit(self) -> None:
-        self._depth -= 1
+    def _exit(self, name: str, *args: Any) -> None:
+        self._active[name] -= 1
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -98,9 +86,16 @@ class ScopedFlops(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         counter = self._registry.get(func._overloadpacket)
-        if self._depth > 0 and counter is not None:
-            self.flops += counter(*args, **kwargs, out_val=out)
+        if counter is not None:
+            flops = counter(*args, **kwargs, out_val=out)
+            self.total += flops
+            for name, depth in self._active.items():
+                if depth > 0:
+                    self.by_part[name] += flops
         return out
+
+    def snapshot(self) -> dict[str, int]:
+        return {"total": self.total, **self.by_part}
 
 
 class LiveBytes(TorchDispatchMode):
@@ -283,37 +278,34 @@ def trace_step(cfg: DictConfig, *, world_size: int, build_meta_arch: Callable[[D
             live.add_existing(group)
         persistent = live.live
         kept, remove_hooks = _kept_tokens_counter(model)
-        teacher_flops = ScopedFlops(model.teacher)
+        heads = [m for name, m in student.named_children() if name != "backbone"]
+        counter = PartFlops({"teacher": list(model.teacher.children()), "student_heads": heads},
+                            backward_parts=("student_heads",))
         with live:
-            # One counter for both passes: it attributes backward FLOPs through forward-time hooks.
-            with flop_counter() as counter:
-                with teacher_flops, autocast_for(cfg, device)():
+            with counter:
+                with autocast_for(cfg, device)():
                     loss, _ = model.compute_losses(batch, values)
-                forward_counts = _snapshot(counter)
+                forward = counter.snapshot()
                 kept_tokens = list(kept)  # recomputation under activation checkpointing calls the hooks again
                 activations = live.live - persistent
                 loss.backward()
                 del loss
-            backward_counts = _minus(_snapshot(counter), forward_counts)
+            backward = {key: value - forward[key] for key, value in counter.snapshot().items()}
             grad_bytes = _local_bytes(p.grad for p in student.parameters() if p.grad is not None)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        counter.remove()
         remove_hooks()
-        teacher_flops.remove()
         unit_sizes = _fsdp_unit_sizes(model) if shard else []
         student_bytes, teacher_bytes = _local_bytes(student.parameters()), _local_bytes(model.teacher.parameters())
         shard_shapes = {name: tuple(getattr(p, "_local_tensor", p).shape) for name, p in student.named_parameters()}
         state_bytes = _local_bytes(t for t in states if t.dim() > 0)
-    forward, backward = flops_by_kind(forward_counts), flops_by_kind(backward_counts)
     flops = {
-        "teacher_forward": teacher_flops.flops,
-        "student_forward": forward["total"] - teacher_flops.flops,
+        "teacher_forward": forward["teacher"],
+        "student_forward": forward["total"] - forward["teacher"],
         "student_backward": backward["total"],
-        "heads_forward": forward["heads"],
-        "heads_backward": backward["heads"],
-        "backbones_forward": forward["backbone"],
-        "backbones_backward": backward["backbone"],
-        "other": forward["other"] + backward["other"],
+        "student_heads_forward": forward["student_heads"],
+        "student_heads_backward": backward["student_heads"],
         "total": forward["total"] + backward["total"],
     }
     return StepTrace(
