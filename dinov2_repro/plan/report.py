@@ -16,6 +16,7 @@ from .trace import StepTrace, trace_step
 GIB = 1024 ** 3
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 Tracer = Callable[[DictConfig, int], StepTrace]
+_TRACES: dict[tuple, StepTrace] = {}
 
 
 def total_iterations(cfg: DictConfig) -> int:
@@ -99,7 +100,12 @@ def build_plan(cfg: DictConfig, *, nodes: int, gpus_per_node: int, gpu: GPU, mfu
     world = nodes * gpus_per_node
 
     def tracer(config: DictConfig, world_size: int) -> StepTrace:
-        return trace_step(config, world_size=world_size, build_meta_arch=build_meta_arch)
+        # Memory and FLOPs do not depend on the GPU model: plans of one config on several GPUs
+        # in one process (the README table) share their traces.
+        key = (OmegaConf.to_yaml(config), world_size, build_meta_arch)
+        if key not in _TRACES:
+            _TRACES[key] = trace_step(config, world_size=world_size, build_meta_arch=build_meta_arch)
+        return _TRACES[key]
 
     trace = tracer(cfg, world)
     anchor = None
@@ -142,10 +148,17 @@ def build_plan(cfg: DictConfig, *, nodes: int, gpus_per_node: int, gpu: GPU, mfu
     }
 
 
+def _flops_text(flops: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if flops >= scale:
+            return f"{flops / scale:10.2f} {unit}"
+    return f"{flops / 1e6:10.2f} MFLOP"
+
+
 def format_plan(plan: dict[str, Any]) -> str:
     """The plan as an aligned text table."""
     flops, memory = plan["flops_per_gpu_step"], plan["memory_bytes"]
-    tf = lambda n: f"{n / 1e12:10.2f} TFLOP"  # noqa: E731
+    tf = _flops_text
     gb = lambda n: f"{n / GIB:10.2f} GiB"  # noqa: E731
     rows = [
         ("config", f"{plan['config']} ({plan['arch']})"),
@@ -160,7 +173,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         ("  of which student heads", tf(flops["student_heads_forward"] + flops["student_heads_backward"])),
         ("total per GPU", tf(flops["total"])),
         ("per image", tf(plan["flops_per_image"])),
-        ("per step (all GPUs)", f"{plan['flops_per_step'] / 1e15:10.2f} PFLOP"),
+        ("per step (all GPUs)", tf(plan["flops_per_step"])),
         ("-- memory per GPU", ""),
         ("student params (fp32 shard)", gb(memory["student_params_fp32_shard"])),
         ("student grads (shard)", gb(memory["student_grads_shard"])),
