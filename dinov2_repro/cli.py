@@ -20,6 +20,11 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .config import load_config
 
     cfg = load_config(args.config_file, args.overrides)  # validate before launching anything
+    if getattr(args, "dry_run", False):
+        from .plan.cli import print_dry_run
+
+        child = ["train", *(["--config-file", args.config_file] if args.config_file else []), *args.overrides]
+        return print_dry_run(cfg, child, args)
     if args.launcher != "none":
         from launch.dispatch import launch_command
         from launch.options import options_from_args

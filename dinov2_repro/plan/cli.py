@@ -51,3 +51,23 @@ def run_plan(args: argparse.Namespace) -> int:
     atomic_write_text(Path(args.out), json.dumps(plan, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
+
+
+def print_dry_run(cfg: Any, child_argv: list[str], args: argparse.Namespace) -> int:
+    """``train --dry-run``: the launch the flags describe (submitit parameters for Slurm) and the
+    plan at its world size; nothing is submitted or run."""
+    from launch.dispatch import describe_launch
+    from launch.options import options_from_args
+
+    from .report import build_plan, format_plan
+
+    options = options_from_args(args)
+    launch = describe_launch(child_argv, options)
+    print(json.dumps(launch, indent=1, default=str))
+    # CPU jobs (no GPUs per node) are planned per task, on the GPU model named by --plan-gpu.
+    per_node = options.tasks_per_node if options.launcher == "slurm" else launch["world_size"]
+    plan = build_plan(cfg, nodes=options.nodes if options.launcher == "slurm" else 1, gpus_per_node=per_node,
+                      gpu=parse_gpu(args.plan_gpu), mfu=args.plan_mfu, config_name=str(args.config_file or "defaults"))
+    print(format_plan(plan))
+    print("dry run: nothing was launched")
+    return 0
