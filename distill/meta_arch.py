@@ -84,6 +84,9 @@ def _build_student(spec: StudentSpec, cfg: DictConfig, *, img_size: int, embed_h
         student = nn.ModuleDict({"backbone": backbone, "dino_head": _head(embed_heads.dino, backbone.embed_dim)})
         if embed_heads.ibot.separate_head:
             student["ibot_head"] = _head(embed_heads.ibot, backbone.embed_dim)
+    # Nothing is masked: the mask token never gets a gradient, so it stays out of the optimiser
+    # (an optimiser state it never gets would make the checkpoint unloadable).
+    backbone.mask_token.requires_grad_(False)
     return student
 
 
