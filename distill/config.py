@@ -39,13 +39,9 @@ def distill_defaults() -> dict[str, Any]:
     return {**_read_yaml(DEFAULTS_PATH), **_read_yaml(DISTILL_DEFAULTS_PATH)}
 
 
-def load_distill_config(config_file: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
-                        teacher: str | os.PathLike | None = None) -> DictConfig:
-    """Merge and validate the distillation config; resolve and check the teacher checkpoint.
-
-    ``teacher`` (a run or checkpoint directory) overrides ``distill.teacher``. The result has
-    ``distill.teacher`` set to the resolved checkpoint directory, the head sizes set to the
-    teacher's, and ``distill.teacher_*`` filled in from the checkpoint."""
+def merge_distill_config(config_file: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults, experiment YAML and overrides merged and validated (keys, types, students);
+    the teacher is not looked at."""
     defaults = distill_defaults()
     cfg = OmegaConf.create(defaults)
     if config_file:
@@ -56,11 +52,21 @@ def load_distill_config(config_file: str | os.PathLike | None = None, overrides:
         update = parse_overrides(overrides)
         validate_against(defaults, update, "command-line override")
         cfg = OmegaConf.merge(cfg, OmegaConf.create(update))
+    student_specs(cfg)
+    return cfg
+
+
+def load_distill_config(config_file: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
+                        teacher: str | os.PathLike | None = None) -> DictConfig:
+    """Merge and validate the distillation config; resolve and check the teacher checkpoint.
+
+    ``teacher`` (a run or checkpoint directory) overrides ``distill.teacher``. The result has
+    ``distill.teacher`` set to the resolved checkpoint directory, the head sizes set to the
+    teacher's, and ``distill.teacher_*`` filled in from the checkpoint."""
+    cfg = merge_distill_config(config_file, overrides)
     if teacher:
         cfg.distill.teacher = str(teacher)
-    student_specs(cfg)  # validate the student list before touching the teacher
-    attach_teacher(cfg)
-    return cfg
+    return attach_teacher(cfg)
 
 
 # ---- students ------------------------------------------------------------------------------

@@ -255,3 +255,20 @@ def test_cli_bad_teacher_is_one_line_error(tmp_path):
     assert result.returncode == 2
     assert "distill.teacher=" in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---- the recipe configs ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name, students", [("vitg14_to_vitl14", ["vit_large"]), ("vitg14_to_vitb14", ["vit_base"]),
+                                            ("vitg14_to_vitl14_vitb14", ["vit_large", "vit_base"])])
+def test_recipe_configs(teacher_run, tmp_path, name, students):
+    from distill.config import merge_distill_config, student_specs
+
+    cfg = merge_distill_config(CONFIG_DIR / "distill" / f"{name}.yaml")
+    specs = student_specs(cfg)
+    assert [s.section.arch for s in specs] == students
+    assert all(s.section.drop_path_rate == 0.0 and s.section.ffn_layer == "mlp" and s.base_lr == 1e-3 for s in specs)
+    assert cfg.optim.scaling_rule == "none" and cfg.train.batch_size_per_gpu * 64 == 2048
+    assert cfg.distill.teacher_arch == "vit_giant2" and cfg.distill.teacher_patch_size == 14
+    # A teacher that is not the ViT-g the config expects is refused before anything is built.
+    with pytest.raises(ConfigError, match="teacher_arch='vit_giant2'"):
+        load_distill_config(CONFIG_DIR / "distill" / f"{name}.yaml", [f"train.output_dir={tmp_path}"], teacher=teacher_run)
