@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("overrides", nargs="*", help="key=value overrides of configs/train/vit_tiny_cpu.yaml")
     sub.add_parser("info", help="environment, attention backend and backbone sizes")
+    from distill.cli import register as register_distill
+
+    register_distill(sub)
     from .plan.cli import register as register_plan
 
     register_plan(sub)
@@ -113,9 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
 
     try:
-        if hasattr(args, "run"):  # verbs registered by their own module
-            return args.run(args)
-        return _COMMANDS[args.verb](args, argv[1:])
+        return args.run(args) if hasattr(args, "run") else _COMMANDS[args.verb](args, argv[1:])
     except ConfigError as err:
         print(f"dinov2-repro {args.verb}: config error: {err}", file=sys.stderr)
         return 2
