@@ -26,25 +26,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu", default="a100-80gb", help=f"{' | '.join(GPUS)} | custom:TFLOPS,GB")
     p.add_argument("--mfu", type=float, default=None,
                    help="model-FLOPs utilisation; default: the one implied by the paper's 22,016 A100-hours for ViT-g")
+    p.add_argument("--teacher-config", default=None,
+                   help="distillation configs: the teacher's training YAML (e.g. configs/train/vitg14.yaml)")
     p.add_argument("--out", default="plan.json", help="where to write the plan as JSON")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.set_defaults(run=run_plan)
 
 
 def plan_from_args(*, config_file: str, overrides: list[str], nodes: int, gpus_per_node: int, gpu: str,
-                   mfu: float | None) -> dict[str, Any]:
+                   mfu: float | None, teacher_config: str | None = None) -> dict[str, Any]:
     if mfu is not None and not 0 < mfu <= 1:
         raise ConfigError(f"--mfu {mfu}: must be in (0, 1]")
+    from .distill import is_distill_config, load_planning_distill_config
     from .report import build_plan
 
+    gpu_model = parse_gpu(gpu)
+    if is_distill_config(config_file):
+        cfg, build, shard = load_planning_distill_config(config_file, overrides, teacher_config=teacher_config)
+        return build_plan(cfg, nodes=nodes, gpus_per_node=gpus_per_node, gpu=gpu_model, mfu=mfu,
+                          config_name=str(config_file), build_meta_arch=build, shard_meta_arch=shard)
     cfg = load_config(config_file, overrides)
-    return build_plan(cfg, nodes=nodes, gpus_per_node=gpus_per_node, gpu=parse_gpu(gpu), mfu=mfu,
-                      config_name=str(config_file))
+    return build_plan(cfg, nodes=nodes, gpus_per_node=gpus_per_node, gpu=gpu_model, mfu=mfu, config_name=str(config_file))
 
 
 def run_plan(args: argparse.Namespace) -> int:
     plan = plan_from_args(config_file=args.config_file, overrides=list(args.overrides), nodes=args.nodes,
-                          gpus_per_node=args.gpus_per_node, gpu=args.gpu, mfu=args.mfu)
+                          gpus_per_node=args.gpus_per_node, gpu=args.gpu, mfu=args.mfu,
+                          teacher_config=args.teacher_config)
     from .report import format_plan
 
     print(format_plan(plan))

@@ -95,7 +95,8 @@ def _remedies(cfg: DictConfig, trace: StepTrace, gpu: GPU, *, gpus_per_node: int
 
 
 def build_plan(cfg: DictConfig, *, nodes: int, gpus_per_node: int, gpu: GPU, mfu: float | None = None,
-               config_name: str = "", build_meta_arch: Callable[[DictConfig], nn.Module] | None = None) -> dict[str, Any]:
+               config_name: str = "", build_meta_arch: Callable[[DictConfig], nn.Module] | None = None,
+               shard_meta_arch: Callable[[nn.Module, DictConfig], nn.Module] | None = None) -> dict[str, Any]:
     """The plan of ``cfg`` on ``nodes x gpus_per_node`` GPUs of type ``gpu`` (JSON-ready dict)."""
     world = nodes * gpus_per_node
 
@@ -104,7 +105,8 @@ def build_plan(cfg: DictConfig, *, nodes: int, gpus_per_node: int, gpu: GPU, mfu
         # in one process (the README table) share their traces.
         key = (OmegaConf.to_yaml(config), world_size, build_meta_arch)
         if key not in _TRACES:
-            _TRACES[key] = trace_step(config, world_size=world_size, build_meta_arch=build_meta_arch)
+            _TRACES[key] = trace_step(config, world_size=world_size, build_meta_arch=build_meta_arch,
+                                      shard_meta_arch=shard_meta_arch)
         return _TRACES[key]
 
     trace = tracer(cfg, world)
@@ -123,7 +125,8 @@ def build_plan(cfg: DictConfig, *, nodes: int, gpus_per_node: int, gpu: GPU, mfu
     fits = _fits(trace.peak_bytes, gpu)
     return {
         "config": config_name,
-        "arch": cfg.student.arch,
+        "arch": cfg.student.arch if "distill" not in cfg else
+                f"{cfg.distill.teacher_arch} -> {', '.join(str(s if isinstance(s, str) else s.arch) for s in cfg.distill.students)}",
         "world_size": world, "nodes": nodes, "gpus_per_node": gpus_per_node,
         "gpu": dataclasses.asdict(gpu),
         "batch_size_per_gpu": trace.batch_size_per_gpu, "global_batch": trace.batch_size_per_gpu * world,

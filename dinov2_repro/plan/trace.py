@@ -217,7 +217,9 @@ def _kept_tokens_counter(model: nn.Module) -> tuple[list[int], Callable[[], None
     def on_branch(module: nn.Module, args: tuple) -> None:
         seen[0] += args[0].shape[0]
 
-    for block in model.trainable().backbone.blocks:
+    from ..models.layers import Block
+
+    for block in (m for m in model.trainable().modules() if isinstance(m, Block)):
         handles.append(block.register_forward_pre_hook(on_block))
         handles += [branch.register_forward_pre_hook(on_branch) for branch in (block.attn, block.mlp)]
     return seen, lambda: [h.remove() for h in handles]
@@ -243,16 +245,20 @@ def _fsdp_unit_sizes(model: nn.Module) -> list[int]:
 
 
 def trace_step(cfg: DictConfig, *, world_size: int, build_meta_arch: Callable[[DictConfig], nn.Module] | None = None,
+               shard_meta_arch: Callable[[nn.Module, DictConfig], nn.Module] | None = None,
                shard: bool = True) -> StepTrace:
     """Run one step of ``cfg`` on fake tensors as rank 0 of ``world_size`` FSDP2 ranks
-    (``shard=False``: the unsharded single-process model)."""
+    (``shard=False``: the unsharded single-process model). ``build_meta_arch`` and
+    ``shard_meta_arch`` default to SSL pretraining's; distillation passes its own."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..distributed.fsdp import shard_meta_arch
+    from ..distributed.fsdp import shard_meta_arch as shard_ssl
+    from ..models.heads import DINOHead
     from ..train.loop import autocast_for
     from ..train.meta_arch import SSLMetaArch
 
     build = build_meta_arch or SSLMetaArch
+    shard_fn = shard_meta_arch or (lambda model, config: shard_ssl(model, config, torch.device("cpu")))
     batch_size = int(cfg.train.batch_size_per_gpu)
     values = {"teacher_temp": float(cfg.teacher.teacher_temp), "mom": float(cfg.teacher.momentum_teacher)}
     device = torch.device("cpu")
@@ -262,7 +268,7 @@ def trace_step(cfg: DictConfig, *, world_size: int, build_meta_arch: Callable[[D
             model = build(cfg)
         if shard:
             with mock.patch("torch.distributed.device_mesh.init_device_mesh", lambda *a, **k: mesh):
-                model = shard_meta_arch(model, cfg, device)
+                model = shard_fn(model, cfg)
         student = model.trainable()
         optimizer = torch.optim.AdamW(student.parameters(), lr=0.0, foreach=True)
         for p in student.parameters():  # AdamW states exist after the first real step: create them
@@ -278,7 +284,7 @@ def trace_step(cfg: DictConfig, *, world_size: int, build_meta_arch: Callable[[D
             live.add_existing(group)
         persistent = live.live
         kept, remove_hooks = _kept_tokens_counter(model)
-        heads = [m for name, m in student.named_children() if name != "backbone"]
+        heads = [m for m in student.modules() if isinstance(m, DINOHead)]
         counter = PartFlops({"teacher": list(model.teacher.children()), "student_heads": heads},
                             backward_parts=("student_heads",))
         with live:
