@@ -69,3 +69,27 @@ def test_train_dry_run_prints_submitit_parameters_and_plan(tmp_path, capsys, mon
     assert params["slurm_partition"] == "gpu"
     assert "4 x h100-80gb" in printed and "nothing was launched" in printed
     assert not (tmp_path / "slurm_logs").exists()
+
+
+DISTILL = str(CONFIG_DIR / "distill" / "tiny_cpu.yaml")
+
+
+def test_plan_distill_needs_a_teacher_config(tmp_path, capsys):
+    code = main(["plan", "--config-file", DISTILL, "--out", str(tmp_path / "p.json")])
+    assert code != 0
+    assert "--teacher-config" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_plan_distill_traces_teacher_once_and_every_student(tmp_path, one_torch_thread):
+    def plan(students: str) -> dict:
+        out = tmp_path / f"{students}.json"
+        main(["plan", "--config-file", DISTILL, "--teacher-config", TINY, "--gpus-per-node", "1", "--mfu", "0.5",
+              "--out", str(out), f"distill.students={students}", *MICRO[1:]])
+        return json.loads(out.read_text())["flops_per_gpu_step"]
+
+    one, two = plan("[vit_micro]"), plan("[{arch: vit_micro, name: a},{arch: vit_micro, name: b}]")
+    # One teacher forward for any number of students; student work adds up per student.
+    assert two["teacher_forward"] == one["teacher_forward"] > 0
+    assert two["student_forward"] == 2 * one["student_forward"]
+    assert two["student_backward"] == 2 * one["student_backward"]
