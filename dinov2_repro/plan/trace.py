@@ -28,7 +28,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def _sdpa_cpu_forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
@@ -140,9 +139,6 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, Tensor):
                 self._track(t)
 
-    def reset_peak(self) -> None:
-        self.peak = self.live
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
@@ -156,7 +152,7 @@ class StepTrace:
     """What one traced step measured, per GPU (FLOPs are per GPU per step)."""
     world_size: int
     batch_size_per_gpu: int
-    flops: dict[str, int]            # student_forward/backward (backbone, heads), teacher_forward, other, total
+    flops: dict[str, int]            # teacher_forward, student_forward/backward, student_heads_*, total
     kept_fraction: float             # student block tokens computed / tokens without stochastic depth
     n_masked_tokens: int
     student_param_bytes: int         # local shards (fp32 master)
@@ -208,6 +204,8 @@ def _fake_process_group(world_size: int) -> Iterator[Any]:
 def _kept_tokens_counter(model: nn.Module) -> tuple[list[int], Callable[[], None]]:
     """Count tokens entering the student's residual branches vs. the tokens of their blocks
     (efficient stochastic depth runs each branch on a subset of the sequences)."""
+    from ..models.layers import Block
+
     seen = [0, 0]
     handles = []
 
@@ -217,15 +215,13 @@ def _kept_tokens_counter(model: nn.Module) -> tuple[list[int], Callable[[], None
     def on_branch(module: nn.Module, args: tuple) -> None:
         seen[0] += args[0].shape[0]
 
-    from ..models.layers import Block
-
     for block in (m for m in model.trainable().modules() if isinstance(m, Block)):
         handles.append(block.register_forward_pre_hook(on_block))
         handles += [branch.register_forward_pre_hook(on_branch) for branch in (block.attn, block.mlp)]
     return seen, lambda: [h.remove() for h in handles]
 
 
-def _local_bytes(tensors) -> int:
+def _local_bytes(tensors: Iterator[Tensor]) -> int:
     from ..distributed.fsdp import local_tensor
 
     return sum(local_tensor(t).numel() * local_tensor(t).element_size() for t in tensors)
