@@ -10,10 +10,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dinov2_repro.config import CONFIG_DIR, ConfigError, load_config
 from dinov2_repro.export import load_backbone
@@ -24,6 +22,7 @@ from dinov2_repro.train.meta_arch import SSLMetaArch
 from dinov2_repro.train.optim import build_optimizer
 from distill import DistillMetaArch, load_distill_config, run_distillation, student_export_path
 from distill.run import build_distill_data, build_distill_meta_arch, export_students
+from test_train import image_root  # noqa: F401 (the micro image folder fixture)
 
 MICRO_HEADS = [f"{k}.{key}={v}" for k in ("dino", "ibot")
                for key, v in (("head_n_prototypes", 64), ("head_hidden_dim", 64), ("head_bottleneck_dim", 32))]
@@ -49,16 +48,6 @@ def write_teacher_checkpoint(run_dir, *extra, modules=None):
     save_checkpoint(run_dir, 1, model=model, optimizer=optimizer,
                     meta={"world_size": 1, "config": OmegaConf.to_container(cfg, resolve=True)})
     return run_dir
-
-
-@pytest.fixture(scope="module")
-def image_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        small = rng.integers(0, 255, size=(5, 5, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((48, 48), Image.BICUBIC).save(root / f"img_{i:02d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
