@@ -261,3 +261,28 @@ def test_recipe_configs(teacher_run, tmp_path, name, students):
     # A teacher that is not the ViT-g the config expects is refused before anything is built.
     with pytest.raises(ConfigError, match="teacher_arch='vit_giant2'"):
         load_distill_config(CONFIG_DIR / "distill" / f"{name}.yaml", [f"train.output_dir={tmp_path}"], teacher=teacher_run)
+
+
+@pytest.mark.slow
+def test_cli_local_launcher_two_ranks_then_resume_on_one(teacher_run, image_root, tmp_path):
+    """`--launcher local --nproc 2` (FSDP2 over gloo, both students exported), then the same run
+    resumed in one process: the 2-rank checkpoint reshards."""
+    from dinov2_repro.train.metrics import read_metrics
+
+    out = tmp_path / "run"
+    args = ["distill", "--config-file", str(CONFIG_DIR / "distill" / "tiny_cpu.yaml"), "--teacher", str(teacher_run),
+            "crops.global_crops_size=28", "crops.local_crops_size=14", "crops.local_crops_number=2",
+            "train.batch_size_per_gpu=2", "train.num_workers=0", "train.tensorboard=false", "train.log_period_iterations=1",
+            f"train.dataset_path=ImageFolder:root={image_root}", f"train.output_dir={out}",
+            "distill.students=[vit_micro,{arch: vit_micro, name: b, num_register_tokens: 1}]"]
+    cli = [sys.executable, "-m", "dinov2_repro.cli"]
+    first = subprocess.run([*cli, *args, "train.max_iterations=2", "--launcher", "local", "--nproc", "2"],
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert read_meta(last_checkpoint(out))["world_size"] == 2
+    second = subprocess.run([*cli, *args, "train.max_iterations=3"], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert [m["iteration"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+    for name in ("vit_micro", "b"):
+        model, meta = load_backbone(student_export_path(out, name))
+        assert meta["num_register_tokens"] == (1 if name == "b" else 0)
