@@ -36,7 +36,7 @@ def settings(quick: bool) -> dict:
     if quick:
         return dict(teacher="vit_micro", students=("vit_micro", "vit_micro"), iterations=3, batch=4, local_crops=2)
     # Sized for a shared 2-core machine: the teacher costs about as much per batch as both students.
-    return dict(teacher="vit_tiny", students=("vit_micro", "vit_micro"), iterations=6, batch=16, local_crops=4)
+    return dict(teacher="vit_tiny", students=("vit_micro", "vit_micro"), iterations=4, batch=8, local_crops=4)
 
 
 def _cli(*args: str) -> float:
