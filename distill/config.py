@@ -12,12 +12,12 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dinov2_repro.config import CONFIG_DIR, DEFAULTS_PATH, ConfigError, _read_yaml, parse_overrides, validate_against
+from dinov2_repro.config import CONFIG_DIR, DEFAULTS_PATH, ConfigError, load_config
 from dinov2_repro.models import build_vit
 from dinov2_repro.train.checkpoint import read_meta, resolve_checkpoint
 
@@ -35,23 +35,10 @@ class StudentSpec:
     base_lr: float
 
 
-def distill_defaults() -> dict[str, Any]:
-    return {**_read_yaml(DEFAULTS_PATH), **_read_yaml(DISTILL_DEFAULTS_PATH)}
-
-
 def merge_distill_config(config_file: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Defaults, experiment YAML and overrides merged and validated (keys, types, students);
     the teacher is not looked at."""
-    defaults = distill_defaults()
-    cfg = OmegaConf.create(defaults)
-    if config_file:
-        experiment = _read_yaml(Path(config_file))
-        validate_against(defaults, experiment, f"config file {str(config_file)!r}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.create(experiment))
-    if overrides:
-        update = parse_overrides(overrides)
-        validate_against(defaults, update, "command-line override")
-        cfg = OmegaConf.merge(cfg, OmegaConf.create(update))
+    cfg = load_config(config_file, overrides, defaults_file=(DEFAULTS_PATH, DISTILL_DEFAULTS_PATH))
     student_specs(cfg)
     return cfg
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dinov2_repro.config import CONFIG_DIR, ConfigError, load_config
 from dinov2_repro.export import load_backbone
@@ -24,6 +22,7 @@ from dinov2_repro.train.meta_arch import SSLMetaArch
 from dinov2_repro.train.optim import build_optimizer
 from distill import DistillMetaArch, load_distill_config, run_distillation, student_export_path
 from distill.run import build_distill_data, build_distill_meta_arch, export_students
+from test_train import image_root  # noqa: F401 (the micro image folder fixture)
 
 MICRO_HEADS = [f"{k}.{key}={v}" for k in ("dino", "ibot")
                for key, v in (("head_n_prototypes", 64), ("head_hidden_dim", 64), ("head_bottleneck_dim", 32))]
@@ -49,16 +48,6 @@ def write_teacher_checkpoint(run_dir, *extra, modules=None):
     save_checkpoint(run_dir, 1, model=model, optimizer=optimizer,
                     meta={"world_size": 1, "config": OmegaConf.to_container(cfg, resolve=True)})
     return run_dir
-
-
-@pytest.fixture(scope="module")
-def image_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        small = rng.integers(0, 255, size=(5, 5, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((48, 48), Image.BICUBIC).save(root / f"img_{i:02d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +261,28 @@ def test_recipe_configs(teacher_run, tmp_path, name, students):
     # A teacher that is not the ViT-g the config expects is refused before anything is built.
     with pytest.raises(ConfigError, match="teacher_arch='vit_giant2'"):
         load_distill_config(CONFIG_DIR / "distill" / f"{name}.yaml", [f"train.output_dir={tmp_path}"], teacher=teacher_run)
+
+
+@pytest.mark.slow
+def test_cli_local_launcher_two_ranks_then_resume_on_one(teacher_run, image_root, tmp_path):
+    """`--launcher local --nproc 2` (FSDP2 over gloo, both students exported), then the same run
+    resumed in one process: the 2-rank checkpoint reshards."""
+    from dinov2_repro.train.metrics import read_metrics
+
+    out = tmp_path / "run"
+    args = ["distill", "--config-file", str(CONFIG_DIR / "distill" / "tiny_cpu.yaml"), "--teacher", str(teacher_run),
+            "crops.global_crops_size=28", "crops.local_crops_size=14", "crops.local_crops_number=2",
+            "train.batch_size_per_gpu=2", "train.num_workers=0", "train.tensorboard=false", "train.log_period_iterations=1",
+            f"train.dataset_path=ImageFolder:root={image_root}", f"train.output_dir={out}",
+            "distill.students=[vit_micro,{arch: vit_micro, name: b, num_register_tokens: 1}]"]
+    cli = [sys.executable, "-m", "dinov2_repro.cli"]
+    first = subprocess.run([*cli, *args, "train.max_iterations=2", "--launcher", "local", "--nproc", "2"],
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert read_meta(last_checkpoint(out))["world_size"] == 2
+    second = subprocess.run([*cli, *args, "train.max_iterations=3"], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert [m["iteration"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
+    for name in ("vit_micro", "b"):
+        model, meta = load_backbone(student_export_path(out, name))
+        assert meta["num_register_tokens"] == (1 if name == "b" else 0)
