@@ -15,9 +15,11 @@ from typing import Sequence
 from .cli_args import OVERRIDE, add_debug_argument
 from .config import ConfigError
 from .curation.cli import register as register_curate
+from .distill.cli import register as register_distill
 from .eval.cli import register as register_eval
 from .export_checkpoint import register as register_export
 from .misc_cli import register_demo, register_info
+from .plan.cli import register as register_plan
 from .train.cli import register as register_train
 
 # Exceptions that mean "the command line or the files it names are wrong": one line, no traceback.
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB", title="verbs")
     register_train(sub)
     register_curate(sub)
+    register_distill(sub)
+    register_plan(sub)
     register_export(sub)
     register_eval(sub)
     register_demo(sub)

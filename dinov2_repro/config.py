@@ -143,10 +143,16 @@ def load_config(
     config_file: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     *,
-    defaults_file: str | os.PathLike = DEFAULTS_PATH,
+    defaults_file: str | os.PathLike | Sequence[str | os.PathLike] = DEFAULTS_PATH,
 ) -> DictConfig:
-    """Merge defaults, the experiment YAML and overrides; validate every key and type."""
-    defaults = _read_yaml(Path(defaults_file))
+    """Merge defaults, the experiment YAML and overrides; validate every key and type.
+
+    Several ``defaults_file`` paths add their top-level sections together (distillation:
+    the SSL defaults plus its own ``distill:`` section)."""
+    paths = [defaults_file] if isinstance(defaults_file, (str, os.PathLike)) else list(defaults_file)
+    defaults: dict[str, Any] = {}
+    for path in paths:
+        defaults.update(_read_yaml(Path(path)))
     merged = OmegaConf.create(defaults)
     if config_file:
         experiment = _read_yaml(Path(config_file))

@@ -8,6 +8,20 @@ from typing import Sequence
 from .options import LauncherOptions
 
 
+def describe_launch(child_argv: Sequence[str], options: LauncherOptions) -> dict:
+    """What ``launch_command`` would do, without doing it (``--dry-run``)."""
+    argv = [sys.executable, "-m", "dinov2_repro.cli", *child_argv]
+    if options.launcher == "slurm":
+        from .slurm import slurm_parameters
+
+        return {"launcher": "slurm", "command": argv, "world_size": options.world_size,
+                "max_requeues": options.max_requeues, "slurm_output_dir": options.slurm_output_dir,
+                "submitit_parameters": slurm_parameters(options, workdir=os.getcwd())}
+    if options.launcher == "local":
+        return {"launcher": "local", "command": argv, "nproc": options.nproc, "world_size": options.nproc}
+    return {"launcher": "none", "command": argv, "world_size": 1}
+
+
 def launch_command(child_argv: Sequence[str], options: LauncherOptions) -> int:
     """Run ``dinov2-repro <child_argv>`` (already stripped of launcher flags) under ``options``."""
     if options.launcher == "local":

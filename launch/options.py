@@ -97,6 +97,12 @@ def add_launcher_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                        help="folder for submitit pickles and Slurm logs; %%j is replaced by the job id")
     group.add_argument("--slurm-extra", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                        help="extra sbatch option, e.g. --slurm-extra exclusive= or --slurm-extra mail-type=END")
+    group.add_argument("--dry-run", action="store_true",
+                       help="print what would be launched (submitit parameters) and the plan; launch nothing")
+    group.add_argument("--plan-gpu", default="a100-80gb",
+                       help="GPU model the --dry-run plan assumes (see `dinov2-repro plan -h`)")
+    group.add_argument("--plan-mfu", type=float, default=None,
+                       help="MFU of the --dry-run plan (default: implied by the paper's ViT-g A100-hours)")
     return parser
 
 

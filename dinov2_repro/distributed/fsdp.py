@@ -41,26 +41,36 @@ def block_groups(blocks: nn.ModuleList, chunks: int) -> list[list[nn.Module]]:
     return [blocks[i : i + size] for i in range(0, len(blocks), size)]
 
 
-def shard_meta_arch(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Module:
-    from torch.distributed.device_mesh import init_device_mesh
+def shard_modules(modules: nn.ModuleDict, *, mesh, precision: DictConfig | dict, block_chunks: int, all_fp32: bool) -> None:
+    """Shard one side ({backbone, dino_head, ibot_head}) in place: groups of blocks, then the
+    backbone root, then each head, with the per-module policies of ``precision``."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    backbone_policy = _policy(precision.get("backbone"), all_fp32)
+    for group in block_groups(modules.backbone.blocks, int(block_chunks)):
+        fully_shard(group if len(group) > 1 else group[0], mesh=mesh, mp_policy=backbone_policy,
+                    reshard_after_forward=True)
+    # Roots too: FSDP2 keeps a root unsharded after forward by default, and the teacher has no
+    # backward to reshard it, so the EMA would meet full tensors on one side and shards on the other.
+    fully_shard(modules.backbone, mesh=mesh, mp_policy=backbone_policy, reshard_after_forward=True)
+    for head in ("dino_head", "ibot_head"):
+        if head in modules:
+            fully_shard(modules[head], mesh=mesh, mp_policy=_policy(precision.get(head), all_fp32),
+                        reshard_after_forward=True)
+
+
+def device_mesh_for(device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def shard_meta_arch(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Module:
+    mesh = device_mesh_for(device)
     all_fp32 = cfg.compute_precision.param_dtype == "fp32"
     for side in ("student", "teacher"):
-        modules: nn.ModuleDict = getattr(model, side)
-        precision = cfg.compute_precision.get(side, {})
-        backbone_policy = _policy(precision.get("backbone"), all_fp32)
-        for group in block_groups(modules.backbone.blocks, int(cfg.student.block_chunks)):
-            fully_shard(group if len(group) > 1 else group[0], mesh=mesh, mp_policy=backbone_policy,
-                        reshard_after_forward=True)
-        # Roots too: FSDP2 keeps a root unsharded after forward by default, and the teacher has no
-        # backward to reshard it, so the EMA would meet full tensors on one side and shards on the other.
-        fully_shard(modules.backbone, mesh=mesh, mp_policy=backbone_policy, reshard_after_forward=True)
-        for head in ("dino_head", "ibot_head"):
-            if head in modules:
-                fully_shard(modules[head], mesh=mesh, mp_policy=_policy(precision.get(head), all_fp32),
-                            reshard_after_forward=True)
+        shard_modules(getattr(model, side), mesh=mesh, precision=cfg.compute_precision.get(side, {}),
+                      block_chunks=int(cfg.student.block_chunks), all_fp32=all_fp32)
     logger.info("FSDP2: sharded student and teacher over %d ranks", dist.get_world_size())
     return model
 

@@ -46,6 +46,8 @@ class DINOLoss(nn.Module):
             # no (S, T, B, K) intermediate.
             pair_ce = -(log_p.reshape(n_student, -1) @ t.reshape(n_teacher, -1).t())
             if ignore_diagonal:
-                keep = ~torch.eye(n_student, n_teacher, dtype=torch.bool, device=pair_ce.device)
-                pair_ce = pair_ce[keep]
+                # Zero the diagonal rather than select off it: same sum, and a static shape that
+                # fake-tensor tracing (dinov2_repro/plan) can follow.
+                same = torch.eye(n_student, n_teacher, dtype=torch.bool, device=pair_ce.device)
+                pair_ce = pair_ce.masked_fill(same, 0.0)
             return pair_ce.sum() / batch

@@ -12,6 +12,7 @@ from .layers import Block, PatchEmbed
 from .layers.attention import Groups
 
 FeatureDict = dict[str, Tensor]
+CHECKPOINTING_MODES = ("none", "blocks", "every_k")
 
 
 def resample_pos_embed(pos: Tensor, grid: tuple[int, int], *, antialias: bool = False, offset: float = 0.1) -> Tensor:
@@ -108,6 +109,22 @@ class DinoVisionTransformer(nn.Module):
     def set_stochastic_depth(self, mode: str) -> None:
         for block in self.blocks:
             block.stochastic_depth = mode
+
+    def set_activation_checkpointing(self, mode: str, *, every: int = 1) -> None:
+        """Recompute block activations in backward instead of keeping them: ``none``; ``blocks``
+        (every block); ``every_k`` (blocks 0, k, 2k, ...: about 1/k of the saving for 1/k of the
+        recompute cost)."""
+        if mode not in CHECKPOINTING_MODES:
+            raise ValueError(f"activation checkpointing mode {mode!r} unknown; choose one of {CHECKPOINTING_MODES}")
+        if mode == "every_k" and every < 1:
+            raise ValueError(f"activation checkpointing every_k needs k >= 1, got {every}")
+        step = {"none": 0, "blocks": 1, "every_k": every}[mode]
+        for index, block in enumerate(self.blocks):
+            block.checkpoint_activations = bool(step) and index % step == 0
+
+    @property
+    def checkpointed_blocks(self) -> frozenset[int]:
+        return frozenset(i for i, block in enumerate(self.blocks) if block.checkpoint_activations)
 
     # ---- tokens ----------------------------------------------------------------------
     def interpolate_pos_encoding(self, height: int, width: int, dtype: torch.dtype) -> Tensor:

@@ -23,6 +23,11 @@ def run_train(args: argparse.Namespace) -> int:
 
     config_file = resolve_config_file(args.config_file, recipes="train")
     cfg = load_config(config_file, args.overrides)  # validate before launching anything
+    if getattr(args, "dry_run", False):
+        from ..plan.cli import print_dry_run
+
+        child = ["train", *(["--config-file", str(config_file)] if config_file else []), *args.overrides]
+        return print_dry_run(cfg, child, args)
     if args.launcher != "none":
         from dinov2_repro.launch.dispatch import launch_command
         from dinov2_repro.launch.options import options_from_args

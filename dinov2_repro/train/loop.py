@@ -1,12 +1,8 @@
-"""The generic training loop. It runs any meta-architecture that provides:
+"""The generic training loop. It runs any meta-architecture that satisfies the contract
+``dinov2_repro.train.contract.MetaArch`` (param_groups / compute_losses / after_optimizer_step /
+trainable / clip_parts / export_backbone; see that module for what each must do).
 
-- ``param_groups() -> list[dict]`` (with lr_multiplier / wd_multiplier / is_last_layer),
-- ``compute_losses(batch, values) -> (total_loss, {name: detached term})``,
-- ``after_optimizer_step(values)`` (the EMA),
-- ``trainable() -> nn.Module`` (what gets gradients and clipping),
-- ``export_backbone() -> nn.Module`` (what is exported as safetensors).
-
-SSL pretraining (``SSLMetaArch``) and distillation (``distill/``) both run through ``train``.
+SSL pretraining (``SSLMetaArch``) and distillation (``distill.DistillMetaArch``) both run through ``train``.
 """
 from __future__ import annotations
 

@@ -49,6 +49,9 @@ def build_student_and_teacher(cfg: DictConfig) -> tuple[nn.ModuleDict, nn.Module
     student = nn.ModuleDict({"backbone": build_backbone(cfg.student, drop_path_rate=cfg.student.drop_path_rate, **kwargs)})
     teacher = nn.ModuleDict({"backbone": build_backbone(cfg.student, drop_path_rate=0.0, **kwargs)})
     embed_dim = student.backbone.embed_dim
+    # Only the student keeps activations for a backward pass; the teacher runs under no_grad.
+    student.backbone.set_activation_checkpointing(cfg.train.activation_checkpointing,
+                                                  every=cfg.train.activation_checkpointing_every)
     for modules in (student, teacher):
         modules["dino_head"] = _head(cfg.dino, embed_dim)
         if cfg.ibot.separate_head:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .attention import Attention, Groups
@@ -81,6 +82,7 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = drop_path
         self.stochastic_depth = stochastic_depth
+        self.checkpoint_activations = False  # set by DinoVisionTransformer.set_activation_checkpointing
 
     def attention_branch(self, x: Tensor, groups: Groups) -> Tensor:
         return self.ls1(self.attn(self.norm1(x), groups))
@@ -89,6 +91,17 @@ class Block(nn.Module):
         return self.ls2(self.mlp(self.norm2(x)))
 
     def forward(self, x: Tensor, groups: Groups) -> Tensor:
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            # Inside forward, not around __call__: FSDP2's hooks on this block then stay outside
+            # the checkpointed region, so recomputation runs on the parameters FSDP unsharded for
+            # backward instead of re-entering its forward hooks (which kept every recomputed block
+            # alive: no memory saved). preserve_rng_state: efficient stochastic depth draws the
+            # same subsets in recomputation.
+            return torch.utils.checkpoint.checkpoint(self._residual_branches, x, groups, use_reentrant=False,
+                                                     preserve_rng_state=True)
+        return self._residual_branches(x, groups)
+
+    def _residual_branches(self, x: Tensor, groups: Groups) -> Tensor:
         for branch in (self.attention_branch, self.ffn_branch):
             if not self.training or self.drop_path == 0.0:
                 x = x + branch(x, groups)

@@ -1,0 +1,35 @@
+"""``dinov2-repro distill``: distil a pretraining run's teacher into one or more students."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from dinov2_repro.launch.options import add_launcher_arguments
+
+    p = subparsers.add_parser(
+        "distill", help="distil a frozen pretrained teacher into smaller students; resumes from OUTPUT_DIR/checkpoints/last")
+    p.add_argument("--config-file", default=None,
+                   help="experiment YAML (e.g. configs/distill/vitg14_to_vitl14.yaml) merged over the SSL and distill defaults")
+    p.add_argument("--teacher", default=None,
+                   help="pretraining run directory or checkpoints/iter_* directory of the teacher (overrides distill.teacher)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distill.students=[vit_base,vit_large]")
+    add_launcher_arguments(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import load_distill_config, run_distillation
+
+    # Validates the config and the teacher checkpoint before launching anything.
+    cfg = load_distill_config(args.config_file, args.overrides, teacher=args.teacher)
+    if args.launcher != "none":
+        from dinov2_repro.launch.dispatch import launch_command
+        from dinov2_repro.launch.options import options_from_args
+
+        child = ["distill", *(["--config-file", args.config_file] if args.config_file else []),
+                 *(["--teacher", args.teacher] if args.teacher else []), *args.overrides]
+        return launch_command(child, options_from_args(args))
+    print(json.dumps(run_distillation(cfg)))
+    return 0

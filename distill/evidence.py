@@ -1,0 +1,40 @@
+"""How close a student's features are to its teacher's, on the land-cover tiles of the shipped
+Landsat scene: linear CKA of the CLS features, and the student's kNN top-1 against the labels
+the teacher's own kNN assigns (the teacher's "view" of the scene)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dinov2_repro.data.sample_data import landcover_tiles
+from dinov2_repro.eval.knn_classifier import extract_features, images_to_tensor, knn_predict
+from dinov2_repro.backbone_file import load_backbone
+
+
+def linear_cka(x: Tensor, y: Tensor) -> float:
+    """Linear centred kernel alignment of two (n, d) feature matrices (1: same up to rotation/scale)."""
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    cross = (y.T @ x).norm() ** 2
+    return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+def _features(export: str | Path, images: tuple, size: int) -> list[Tensor]:
+    model, meta = load_backbone(export)
+    return [extract_features(model, images_to_tensor(x, mean=meta["mean"], std=meta["std"], size=size)) for x in images]
+
+
+def teacher_agreement(teacher_export: str | Path, student_export: str | Path, *, size: int, k: int = 20,
+                      seed: int = 0) -> dict[str, Any]:
+    """{'cka': linear CKA on all tiles, 'knn_agreement': student kNN top-1 vs the teacher's kNN labels}."""
+    train_x, train_y, test_x, _ = landcover_tiles(seed=seed)
+    labels = torch.as_tensor(train_y).long()
+    t_train, t_test = _features(teacher_export, (train_x, test_x), size)
+    s_train, s_test = _features(student_export, (train_x, test_x), size)
+    teacher_view = knn_predict(t_train, labels, t_test, k=k)
+    student_view = knn_predict(s_train, labels, s_test, k=k, num_classes=int(labels.max()) + 1)
+    return {"cka": linear_cka(torch.cat([t_train, t_test]), torch.cat([s_train, s_test])),
+            "knn_agreement": float((student_view == teacher_view).float().mean())}
