@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="demo_output")
     p.add_argument("overrides", nargs="*", help="key=value overrides of configs/train/vit_tiny_cpu.yaml")
     sub.add_parser("info", help="environment, attention backend and backbone sizes")
+    from .eval.predict_cli import register as register_predict
+
+    register_predict(sub)
     return parser
 
 
@@ -105,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
 
     try:
+        if hasattr(args, "run"):  # verbs registered by their own module (interfaces.md)
+            return args.run(args)
         return _COMMANDS[args.verb](args, argv[1:])
     except ConfigError as err:
         print(f"dinov2-repro {args.verb}: config error: {err}", file=sys.stderr)

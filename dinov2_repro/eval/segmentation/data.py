@@ -315,3 +315,16 @@ def tile_arrays(scenes: Sequence[Scene], tiles: Sequence[Tile], *, tile: int) ->
     images = np.stack([scenes[t.scene].image[:, t.row:t.row + tile, t.col:t.col + tile] for t in tiles])
     labels = np.stack([scenes[t.scene].labels[t.row:t.row + tile, t.col:t.col + tile] for t in tiles])
     return images, labels
+
+
+def read_scaled_window(src, bands: Sequence[int], window, ranges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One window of an open rasterio dataset (boundless: outside the scene is nodata), scaled like
+    training: ((C, h, w) float32 in [0, 1], (h, w) bool valid)."""
+    data = src.read(list(bands), window=window, boundless=True, masked=False).astype(np.float64)
+    valid = np.isfinite(data).all(axis=0)
+    for b, band in enumerate(bands):
+        nodata = src.nodatavals[band - 1]
+        if nodata is not None and np.isfinite(nodata):
+            valid &= data[b] != nodata
+    valid &= (src.read_masks(list(bands), window=window, boundless=True) != 0).all(axis=0)
+    return scale_bands(data, valid, ranges), valid

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ...config import ConfigError, atomic_write_text
 from .data import SPLITS, Scene, Tile, check_splits, discover_pairs, load_scene, mask_codes_present, spatial_tiles, tile_arrays
-from .decoders import build_segmenter
+from .decoders import FrozenViTFeatures, build_head, build_segmenter
 from .metrics import confusion_matrix, segmentation_metrics
 
 RUN_FILE, HEAD_FILE, METRICS_FILE = "seg_run.json", "head.safetensors", "metrics.json"
@@ -107,6 +107,14 @@ def build_model(spec: ModelSpec, *, data_channels: int, num_classes: int, seed: 
     return features, head, {}
 
 
+def fresh_head(spec: ModelSpec, features: nn.Module, *, in_channels: int, num_classes: int, seed: int) -> nn.Module:
+    """A newly initialised (seeded) head for already built features: no backbone reload."""
+    torch.manual_seed(seed)
+    if isinstance(features, FrozenViTFeatures):
+        return build_head(decoder=spec.decoder, embed_dim=int(features.backbone.embed_dim), num_classes=num_classes)
+    return build_segmenter(kind=spec.kind, num_classes=num_classes, in_channels=in_channels)[1]
+
+
 def input_normalisation(meta: dict, train_images: Tensor) -> tuple[list[float], list[float]]:
     """The export's mean/std when it has one per band, else per-band statistics of the training tiles."""
     channels = train_images.shape[1]
@@ -178,7 +186,7 @@ def run_segmentation(spec: ModelSpec, data: SegData, *, out_dir: Path | None, lr
     best: tuple[float, float, nn.Module, dict] | None = None
     sweep = {}
     for lr in lrs:
-        _, head, _ = build_model(spec, data_channels=data.in_channels, num_classes=data.num_classes, seed=seed)
+        head = fresh_head(spec, features, in_channels=data.in_channels, num_classes=data.num_classes, seed=seed)
         train_head(head, feats["train"], data.labels["train"], ignore_index=data.ignore_index, iterations=iterations,
                    lr=lr, batch_size=batch_size, seed=seed, progress=progress)
         val = evaluate_head(head, feats["val"], data.labels["val"], **common)
