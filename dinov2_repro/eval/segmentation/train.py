@@ -152,7 +152,7 @@ def train_head(head: nn.Module, feats: Sequence[Tensor], labels: Tensor, *, igno
 
         steps = tqdm(steps, desc="train head", leave=False)
     for _ in steps:
-        index = torch.randint(len(labels), (min(batch_size, len(labels)),), generator=generator)
+        index = torch.randint(len(labels), (batch_size,), generator=generator)  # with replacement: n may be < batch
         logits = head([f[index] for f in feats], size)
         loss = F.cross_entropy(logits, labels[index], ignore_index=ignore_index)
         optimizer.zero_grad(set_to_none=True)
