@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -99,7 +100,9 @@ def run_seg(args: argparse.Namespace) -> dict:
     from .segmentation.train import ModelSpec, prepare_data, run_segmentation
 
     out_dir = Path(args.out_dir) if args.out_dir else None
-    data = prepare_data(data=args.data, workdir=out_dir or Path(".seg_cache"), tile=args.tile,
+    # The shipped example writes its 6-band stack into the run directory (a temporary one without --out-dir).
+    workdir = out_dir or Path(tempfile.mkdtemp(prefix="dinov2_repro_seg_"))
+    data = prepare_data(data=args.data, workdir=workdir, tile=args.tile,
                         bands=_ints(args.bands, "--bands"), classes=_ints(args.classes, "--classes"),
                         class_names=args.class_names.split(",") if args.class_names else None,
                         ignore_index=args.ignore_index, split_seed=args.split_seed)
