@@ -26,9 +26,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_curation.dedup import components, knn_edges, pick_representatives  # noqa: E402
-from data_curation.io import atomic_write_json  # noqa: E402
-from data_curation.knn import brute_force_knn, build_index, choose_index, has_faiss_gpu, normalize, rescore, search  # noqa: E402
+from dinov2_repro.curation.dedup import components, knn_edges, pick_representatives  # noqa: E402
+from dinov2_repro.curation.io import atomic_write_json  # noqa: E402
+from dinov2_repro.curation.knn import brute_force_knn, build_index, choose_index, has_faiss_gpu, normalize, rescore, search  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "curation_cpu.json"
 
@@ -135,7 +135,7 @@ def run_dedup(n: int, *, dim: int = 384, k: int = 64, threshold: float = 0.6, np
 
 
 def run_quality_part(quick: bool, workdir: Path) -> dict:
-    from data_curation.quality import run_quality
+    from dinov2_repro.curation.quality import run_quality
 
     if quick:
         return run_quality(workdir, steps=20, batch_size=32, photo_limit=6, scene_tile_limit=12)

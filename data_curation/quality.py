@@ -99,8 +99,7 @@ def _save(image: np.ndarray, path: Path, jpeg_quality: int | None) -> None:
 
 
 def _shifted_row(row: dict, size: int, scene_shape: tuple[int, int], transform) -> dict:
-    from rasterio.windows import Window
-    from rasterio.windows import bounds as window_bounds
+    from dinov2_repro.io.raster import window_bounds
 
     col, off_row, w, h = row["window"]
     step = size // 8
@@ -108,7 +107,7 @@ def _shifted_row(row: dict, size: int, scene_shape: tuple[int, int], transform) 
     col = col + step if col + step + w <= width else col - step
     off_row = off_row + step if off_row + step + h <= height else off_row - step
     new = dict(row, window=[col, off_row, w, h])
-    new["bounds"] = list(window_bounds(Window(col, off_row, w, h), transform))
+    new["bounds"] = window_bounds((col, off_row, w, h), transform)
     return new
 
 

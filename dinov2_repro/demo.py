@@ -12,13 +12,13 @@ The segmentation grid is reduced (1 seed, n = 2, 8, all) to fit the time budget;
 """
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from .config import CONFIG_DIR, load_config
+from .io.files import atomic_output, atomic_write_json
 from .eval.landcover import landcover_knn_report
 
 STAGES = 6
@@ -39,7 +39,7 @@ def _stage(number: int, text: str, timings: dict[str, float]) -> Iterator[None]:
 
 
 def run_demo(*, output_dir: str | Path = "demo_output", overrides: tuple[str, ...] = ()) -> int:
-    from .train.ssl import TEACHER_EXPORT, run_ssl_training
+    from .train.pretrain import TEACHER_EXPORT, run_ssl_training
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def run_demo(*, output_dir: str | Path = "demo_output", overrides: tuple[str, ..
 # ---------------------------------------------------------------------------------- stages
 def _curate(out: Path) -> str:
     try:
-        from data_curation.demo import curate_demo_pool
+        from dinov2_repro.curation.demo import curate_demo_pool
     except ImportError:  # curation stage not installed: train on the raw shipped pool
         from .data.sample_data import write_demo_image_folder
 
@@ -98,9 +98,8 @@ def _write_natural_images(folder: Path) -> Path:
     for name, image in natural_images().items():
         target = folder / f"{name}.png"
         if not target.exists():
-            tmp = folder / f".{name}.tmp.png"
-            Image.fromarray(image).convert("RGB").save(tmp)
-            tmp.replace(target)
+            with atomic_output(target, suffix=".png") as tmp:
+                Image.fromarray(image).convert("RGB").save(tmp)
     return folder
 
 
@@ -108,10 +107,13 @@ def _distill(out: Path, teacher_run: Path, dataset_spec: str) -> tuple[dict[str,
     """{student name: export} and a one-line note; the step is skipped (and says so) where the
     distillation API or its CPU recipe is not part of this checkout."""
     config = CONFIG_DIR / "distill" / "tiny_cpu.yaml"
-    try:
-        from distill import load_distill_config, run_distillation
-    except ImportError as error:
-        return {}, f"distillation unavailable in this checkout ({error}); student rows are left out"
+    try:  # the distillation package lands beside this module (or, on older layouts, at the top level)
+        from dinov2_repro.distill import load_distill_config, run_distillation
+    except ImportError:
+        try:
+            from distill import load_distill_config, run_distillation  # type: ignore[no-redef]
+        except ImportError as error:
+            return {}, f"distillation unavailable in this checkout ({error}); student rows are left out"
     if not config.is_file():
         return {}, f"distillation unavailable: {config} is missing; student rows are left out"
     cfg = load_distill_config(config, [f"train.dataset_path={dataset_spec}", f"train.output_dir={out / 'distill'}",
@@ -127,11 +129,11 @@ def _evaluate(out: Path, teacher: Path, students: dict[str, Path]) -> dict[str, 
     import torch
 
     from .data.sample_data import LANDCOVER_CLASSES, landcover_tiles
-    from .eval.knn import images_to_tensor
+    from .eval.knn_classifier import images_to_tensor
     from .eval.linear import linear_probe
     from .eval.segmentation.label_efficiency import run_label_efficiency
     from .eval.segmentation.train import ModelSpec, prepare_data, run_segmentation
-    from .export import load_backbone, model_kwargs_from_metadata
+    from .backbone_file import load_backbone, model_kwargs_from_metadata
     from .models import DinoVisionTransformer
 
     backbones = {"teacher": teacher, **{f"student {name}": path for name, path in students.items()}}
@@ -162,8 +164,7 @@ def _evaluate(out: Path, teacher: Path, students: dict[str, Path]) -> dict[str, 
     results["seg_run"] = run_segmentation(specs[0], data, out_dir=run_dir, iterations=2 * SEG_ITERATIONS, progress=True)
     results["map"] = _predict_map(run_dir, seg_dir, data.class_names)
     results["pca"] = _pca_figure(backbones, data, seg_dir / "pca.png")
-    atomic = json.dumps(results, indent=2, default=str)
-    (out / "results.json").write_text(atomic)
+    atomic_write_json(out / "results.json", results, indent=2)
     return results
 
 
@@ -189,7 +190,7 @@ def _predict_map(run_dir: Path, seg_dir: Path, class_names: list[str]) -> dict[s
 def _pca_figure(backbones: dict[str, Path], data: Any, path: Path) -> str:
     from .eval.segmentation.train import normalise
     from .eval.visualize import plot_pca
-    from .export import load_backbone
+    from .backbone_file import load_backbone
 
     images = data.images["test"][:6]
     models, inputs = {}, None

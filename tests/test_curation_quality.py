@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from data_curation.quality import build_quality_pool, labelled_pairs, pair_metrics, run_quality
+from dinov2_repro.curation.quality import build_quality_pool, labelled_pairs, pair_metrics, run_quality
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +53,7 @@ def test_quality_pool_injects_recorded_copies(tmp_path):
             assert (tmp_path / row["path"]).is_file()
 
 
+@pytest.mark.slow
 def test_trained_copy_detector_beats_baselines_on_real_images(tmp_path):
     """Bounded version of the quality experiment: a short training on a smaller pool. The
     trained, dihedral-pooled descriptor must rank injected copies better than both baselines."""
@@ -65,6 +67,7 @@ def test_trained_copy_detector_beats_baselines_on_real_images(tmp_path):
     assert all(a["recall"] >= b["recall"] for a, b in zip(curve, curve[1:]))  # recall falls as the threshold rises
 
 
+@pytest.mark.slow
 def test_benchmark_quick_mode(tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "curation.py"), "--part", "dedup", "--quick", "--n", "4000",

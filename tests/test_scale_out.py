@@ -65,7 +65,7 @@ def test_two_ranks_then_one_rank(demo_image_folder, tmp_path):
 
     out = tmp_path / "teacher.safetensors"
     cli("export", "--checkpoint", str(sharded), "--out", str(out))
-    from dinov2_repro.export import load_backbone
+    from dinov2_repro.backbone_file import load_backbone
 
     backbone, meta = load_backbone(out)
     assert meta["arch"] == "vit_micro"

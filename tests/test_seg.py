@@ -111,7 +111,7 @@ def geotiff_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_backbone(tmp_path_factory) -> Path:
-    from dinov2_repro.export import save_backbone
+    from dinov2_repro.backbone_file import save_backbone
 
     return save_backbone(_tiny_vit(3), tmp_path_factory.mktemp("bb") / "tiny.safetensors", arch="custom",
                          mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))

@@ -5,19 +5,20 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+from ..config import ConfigError
 
-from ..config import ConfigError, atomic_write_text
-from ..export import load_backbone
-from .knn import extract_features, knn_predict
+if TYPE_CHECKING:  # torch is imported when a task runs, not when the CLI is built
+    import torch
 
 
 def _dataset_tensors(spec: str, *, size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of a labelled dataset, resized to ``size`` and normalised."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
     from ..data import build_dataset
 
     dataset = build_dataset(spec)
@@ -36,6 +37,9 @@ def _dataset_tensors(spec: str, *, size: int, mean: Sequence[float], std: Sequen
 
 
 def run_knn(args: argparse.Namespace) -> dict:
+    from ..backbone_file import load_backbone
+    from .knn_classifier import extract_features, knn_predict
+
     model, meta = load_backbone(args.backbone)
     size = args.size or int(meta["img_size"])
     train_x, train_y = _dataset_tensors(args.train, size=size, mean=meta["mean"], std=meta["std"])
@@ -54,13 +58,16 @@ def run_landcover(args: argparse.Namespace) -> dict:
 
 
 def run_linear(args: argparse.Namespace) -> dict:
+    import torch
+
+    from ..backbone_file import load_backbone
     from .linear import linear_probe
 
     model, meta = load_backbone(args.backbone)
     size = args.size or int(meta["img_size"])
     if args.landcover:
         from ..data.sample_data import LANDCOVER_CLASSES, landcover_tiles
-        from .knn import images_to_tensor
+        from .knn_classifier import images_to_tensor
 
         train_x, train_y, val_x, val_y = landcover_tiles()
         to_tensor = lambda x: images_to_tensor(x, mean=meta["mean"], std=meta["std"], size=size)  # noqa: E731
@@ -81,10 +88,9 @@ def run_linear(args: argparse.Namespace) -> dict:
 
 
 def _floats(text: str, option: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"{option} {text}: expected comma-separated numbers") from None
+    from ..io.raster import parse_float_list
+
+    return parse_float_list(text, what=option)
 
 
 def _ints(text: str | None, option: str) -> list[int] | None:
@@ -156,25 +162,14 @@ def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", type=Path, default=None, help="run directory (seg_run.json, head, metrics / curves)")
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dinov2-repro eval", description=__doc__)
-    sub = parser.add_subparsers(dest="task", required=True)
-    p = sub.add_parser("linear", help="linear probe on frozen CLS + pooled patch features (lr sweep)")
-    p.add_argument("--backbone", required=True, type=Path, help="a backbone .safetensors export")
-    p.add_argument("--train", default=None, help="labelled dataset spec, e.g. ImageFolder:root=D:labels=subdirs")
-    p.add_argument("--val", default=None, help="labelled dataset spec")
-    p.add_argument("--landcover", action="store_true", help="use the shipped Landsat land-cover tiles")
-    p.add_argument("--n-blocks", type=int, choices=[1, 4], default=1, help="CLS tokens of the last 1 or 4 blocks")
-    p.add_argument("--lrs", default="0.01,0.1,1.0")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--size", type=int, default=0, help="input size in px (default: the export's img_size)")
-    p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here too")
-    p = sub.add_parser("seg", help="segmentation with a frozen backbone + decoder; --n-labelled for label efficiency")
-    _add_seg_arguments(p)
-    p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here too")
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="frozen-backbone evaluations: knn, landcover, linear, seg",
+                                   description="Frozen-backbone evaluations of an exported backbone.")
+    parser.set_defaults(help_parser=parser)  # `dinov2-repro eval` alone prints this parser's help
+    tasks = parser.add_subparsers(dest="task", metavar="TASK", title="tasks")
     for task, text in (("knn", "weighted kNN top-1 on labelled datasets"),
                        ("landcover", "kNN on the shipped Landsat land-cover tiles vs random init")):
-        p = sub.add_parser(task, help=text)
+        p = tasks.add_parser(task, help=text, description=text)
         p.add_argument("--backbone", required=True, type=Path, help="a backbone .safetensors export")
         p.add_argument("--k", type=int, default=20)
         p.add_argument("--size", type=int, default=0, help="input size in px (default: the export's img_size)")
@@ -183,7 +178,29 @@ def main(argv: Sequence[str]) -> int:
             p.add_argument("--train", required=True, help="labelled dataset spec, e.g. ImageFolder:root=D:labels=subdirs")
             p.add_argument("--val", required=True, help="labelled dataset spec")
             p.add_argument("--temperature", type=float, default=0.07)
-    args = parser.parse_args(list(argv))
+        p.set_defaults(run=run_eval)
+    p = tasks.add_parser("linear", help="linear probe on frozen CLS + pooled patch features (lr sweep)",
+                         description="Linear probe: CLS of the last 1 or 4 blocks + mean patch token; lr sweep.")
+    p.add_argument("--backbone", required=True, type=Path, help="a backbone .safetensors export")
+    p.add_argument("--train", default=None, help="labelled dataset spec, e.g. ImageFolder:root=D:labels=subdirs")
+    p.add_argument("--val", default=None, help="labelled dataset spec")
+    p.add_argument("--landcover", action="store_true", help="use the shipped Landsat land-cover tiles")
+    p.add_argument("--n-blocks", type=int, choices=[1, 4], default=1, help="CLS tokens of the last 1 or 4 blocks")
+    p.add_argument("--lrs", default="0.01,0.1,1.0", help="learning-rate sweep")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--size", type=int, default=0, help="input size in px (default: the export's img_size)")
+    p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here too")
+    p.set_defaults(run=run_eval)
+    p = tasks.add_parser("seg", help="segmentation: frozen backbone + linear/unet/upernet decoder; label efficiency",
+                         description="Frozen-backbone segmentation on image+mask pairs; --n-labelled for label efficiency.")
+    _add_seg_arguments(p)
+    p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here too")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..io.files import atomic_write_text
+
     runners = {"knn": run_knn, "landcover": run_landcover, "linear": run_linear, "seg": run_seg}
     result = runners[args.task](args)
     text = json.dumps(result, indent=2)
@@ -191,3 +208,10 @@ def main(argv: Sequence[str]) -> int:
     if args.out:
         atomic_write_text(args.out, text + "\n")
     return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """``dinov2-repro eval ARGS`` (kept for callers that pass the eval arguments alone)."""
+    from ..cli import main as cli_main
+
+    return cli_main(["eval", *argv])

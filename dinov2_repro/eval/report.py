@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..config import atomic_write_text
+from ..io.files import atomic_write_text
 from .visualize import _pyplot, save_figure
 
 

@@ -20,11 +20,11 @@ from typing import Sequence
 import numpy as np
 
 from ...config import ConfigError
-from ...data.datasets import RasterScaling
+from ...io import raster
+from ...io.files import IMAGE_EXTENSIONS, RASTER_SUFFIXES
 
 SPLITS = ("train", "val", "test")
-RASTER_SUFFIXES = (".tif", ".tiff")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", *RASTER_SUFFIXES)
+IMAGE_SUFFIXES = tuple(f".{e}" for e in IMAGE_EXTENSIONS)
 
 
 @dataclass(frozen=True)
@@ -126,54 +126,41 @@ def is_raster(path: Path) -> bool:
 
 def band_count(path: Path) -> int:
     if is_raster(path):
-        import rasterio
-
-        with rasterio.open(path) as src:
-            return src.count
+        return raster.band_count(path)
     from PIL import Image
 
     with Image.open(path) as image:
         return len(image.getbands())
 
 
-def _read_raster_scene(path: Path, bands: list[int]) -> tuple[np.ndarray, np.ndarray, list[list[float]]]:
+def check_bands(path: Path, bands: Sequence[int] | None) -> list[int]:
+    return raster.check_bands(path, bands, band_count(path))
+
+
+def raster_valid(path: Path, bands: Sequence[int], window: Sequence[int] | None = None) -> np.ndarray:
+    """(H, W) bool: pixels valid in every band (nodata, NaN, the file's mask and the outside of the
+    scene for an overhanging ``[col_off, row_off, width, height]`` window are not)."""
     import rasterio
+    from rasterio.windows import Window
 
     with rasterio.open(path) as src:
-        data = src.read(bands).astype(np.float64)
-        nodata = [src.nodatavals[b - 1] for b in bands]
-    valid = np.isfinite(data).all(axis=0)
-    for b, value in enumerate(nodata):
-        if value is not None and np.isfinite(value):
-            valid &= data[b] != value
-    ranges = RasterScaling().ranges(str(path), bands)
-    return scale_bands(data, valid, ranges), valid, ranges.tolist()
-
-
-def scale_bands(data: np.ndarray, valid: np.ndarray, ranges: np.ndarray) -> np.ndarray:
-    """(C, H, W) raw values -> float32 in [0, 1] with the per-band [low, high] ranges; invalid -> 0.
-    The one scaling of this stage, shared by training and map prediction."""
-    ranges = np.asarray(ranges, dtype=np.float64)
-    low, high = ranges[:, 0, None, None], ranges[:, 1, None, None]
-    scaled = np.clip((data - low) / (high - low), 0.0, 1.0)
-    scaled[:, ~valid] = 0.0
-    return scaled.astype(np.float32)
-
-
-def check_bands(path: Path, bands: Sequence[int] | None) -> list[int]:
-    count = band_count(path)
-    chosen = list(bands) if bands else list(range(1, count + 1))
-    bad = [b for b in chosen if not 1 <= b <= count]
-    if bad:
-        raise ConfigError(f"{path}: has {count} bands (1-based); --bands {','.join(map(str, chosen))} asks for {bad}")
-    return chosen
+        col, row, width, height = window if window is not None else (0, 0, src.width, src.height)
+        valid = np.zeros((height, width), dtype=bool)
+        c0, r0, c1, r1 = max(col, 0), max(row, 0), min(col + width, src.width), min(row + height, src.height)
+        if c1 > c0 and r1 > r0:
+            inside = Window(c0, r0, c1 - c0, r1 - r0)
+            data = src.read(list(bands), window=inside).astype(np.float64)
+            masks = src.read_masks(list(bands), window=inside)
+            valid[r0 - row:r1 - row, c0 - col:c1 - col] = raster.valid_mask(data, src.nodatavals, bands, masks).all(axis=0)
+    return valid
 
 
 def read_image(path: Path, bands: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray, list[list[float]]]:
     """(C, H, W) float32 in [0, 1], (H, W) bool valid, per-band ranges used (rasters: 2-98 percentiles)."""
     chosen = check_bands(path, bands)
-    if is_raster(path):
-        return _read_raster_scene(path, chosen)
+    if is_raster(path):  # the project's one pixel-scaling policy (per-scene percentiles, nodata 0)
+        ranges = raster.RasterScaling().ranges(path, chosen)
+        return raster.read_window(path, chosen, None, ranges), raster_valid(path, chosen), ranges.tolist()
     from PIL import Image
 
     with Image.open(path) as image:
@@ -316,15 +303,3 @@ def tile_arrays(scenes: Sequence[Scene], tiles: Sequence[Tile], *, tile: int) ->
     labels = np.stack([scenes[t.scene].labels[t.row:t.row + tile, t.col:t.col + tile] for t in tiles])
     return images, labels
 
-
-def read_scaled_window(src, bands: Sequence[int], window, ranges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One window of an open rasterio dataset (boundless: outside the scene is nodata), scaled like
-    training: ((C, h, w) float32 in [0, 1], (h, w) bool valid)."""
-    data = src.read(list(bands), window=window, boundless=True, masked=False).astype(np.float64)
-    valid = np.isfinite(data).all(axis=0)
-    for b, band in enumerate(bands):
-        nodata = src.nodatavals[band - 1]
-        if nodata is not None and np.isfinite(nodata):
-            valid &= data[b] != nodata
-    valid &= (src.read_masks(list(bands), window=window, boundless=True) != 0).all(axis=0)
-    return scale_bands(data, valid, ranges), valid

@@ -9,7 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ...config import ConfigError, atomic_write_text
+from ...config import ConfigError
+from ...io.files import atomic_write_text
 from .data import SPLITS
 from .train import ModelSpec, SegData, build_model, cached_features, evaluate_head, fresh_head, input_normalisation, normalise, train_head
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ...config import ConfigError
-from ...data.datasets import RasterScaling
-from .data import check_bands, read_scaled_window
+from ...io.raster import RasterScaling, read_window
+from .data import check_bands, raster_valid
 from .train import load_run, normalise
 
 
@@ -55,7 +55,6 @@ def predict_scene(run_dir: str | os.PathLike, scene: str | os.PathLike, out: str
                   batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
     """Write the class map of ``scene`` to ``out`` (GeoTIFF, class codes) plus ``out`` with .png (colour preview)."""
     import rasterio
-    from rasterio.windows import Window
 
     features, head, record = load_run(Path(run_dir))
     scene, out = Path(scene), Path(out)
@@ -97,13 +96,13 @@ def predict_scene(run_dir: str | os.PathLike, scene: str | os.PathLike, out: str
                 for i, row in enumerate(iterator):
                     for start in range(0, len(cols), batch_size):
                         chunk = cols[start:start + batch_size]
-                        windows = [read_scaled_window(src, bands, Window(c, row, tile, tile), ranges)[0] for c in chunk]
+                        windows = [read_window(scene, bands, (c, row, tile, tile), ranges) for c in chunk]
                         images = normalise(torch.from_numpy(np.stack(windows)), record["mean"], record["std"])
                         probs = head(features(images), (tile, tile)).softmax(1).numpy() * weight
                         for c, p in zip(chunk, probs):
                             acc[:, :, c:c + tile] += p[:, :, : acc_width - c]
                     done = (rows[i + 1] if i + 1 < len(rows) else height) - row
-                    _write_rows(src, dst, bands, acc[:, :done, :width], row, done, lookup, out_nodata)
+                    _write_rows(scene, dst, bands, acc[:, :done, :width], row, done, lookup, out_nodata)
                     acc = np.roll(acc, -done, axis=1)
                     acc[:, -done:] = 0
                 dst.update_tags(source_scene=str(scene), seg_run=str(run_dir), input_nodata=str(src.nodata))
@@ -116,17 +115,16 @@ def predict_scene(run_dir: str | os.PathLike, scene: str | os.PathLike, out: str
             "nodata": out_nodata, "size": [height, width]}
 
 
-def _write_rows(src, dst, bands, scores: np.ndarray, row: int, count: int, lookup: np.ndarray, nodata: int) -> None:
+def _write_rows(scene: Path, dst, bands, scores: np.ndarray, row: int, count: int, lookup: np.ndarray, nodata: int) -> None:
+    """Rows ``row .. row + count`` of the map: argmax class codes, nodata where the input is."""
     from rasterio.windows import Window
 
-    count = min(count, src.height - row)
+    count = min(count, dst.height - row)
     if count <= 0:
         return
-    window = Window(0, row, src.width, count)
-    _, valid = read_scaled_window(src, bands, window, np.array([[0.0, 1.0]] * len(bands)))
     codes = lookup[scores[:, :count].argmax(0)]
-    codes[~valid] = nodata
-    dst.write(codes[None].astype(np.int32), window=window)
+    codes[~raster_valid(scene, bands, (0, row, dst.width, count))] = nodata
+    dst.write(codes[None].astype(np.int32), window=Window(0, row, dst.width, count))
 
 
 def write_preview(map_path: Path, class_values: list[int], *, max_side: int = 1024) -> Path:

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...config import ConfigError, atomic_write_text
+from ...config import ConfigError
+from ...io.files import atomic_write_text
 from .data import SPLITS, Scene, Tile, check_splits, discover_pairs, load_scene, mask_codes_present, spatial_tiles, tile_arrays
 from .decoders import FrozenViTFeatures, build_head, build_segmenter
 from .metrics import confusion_matrix, segmentation_metrics
@@ -91,7 +92,7 @@ def build_model(spec: ModelSpec, *, data_channels: int, num_classes: int, seed: 
     architecture at a seeded random init (the baseline)."""
     torch.manual_seed(seed)
     if spec.kind in ("vit", "random_init"):
-        from ...export import load_backbone, model_kwargs_from_metadata
+        from ...backbone_file import load_backbone, model_kwargs_from_metadata
         from ...models import DinoVisionTransformer
 
         backbone, meta = load_backbone(spec.backbone)
