@@ -78,11 +78,11 @@ def test_pyramid_block_indices_follow_the_protocol():
 # ---------------------------------------------------------------------------------- synthetic data
 def _write_tif(path: Path, array: np.ndarray, *, nodata=None, crs=CRS, origin=(1000.0, 2000.0), pixel=10.0) -> Path:
     import rasterio
-    from rasterio.transform import from_origin
+    from affine import Affine
 
     array = array if array.ndim == 3 else array[None]
     profile = {"driver": "GTiff", "height": array.shape[1], "width": array.shape[2], "count": array.shape[0],
-               "dtype": array.dtype.name, "crs": crs, "transform": from_origin(*origin, pixel, pixel), "nodata": nodata}
+               "dtype": array.dtype.name, "crs": crs, "transform": Affine(pixel, 0.0, origin[0], 0.0, -pixel, origin[1]), "nodata": nodata}
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(array)
     return path

@@ -175,19 +175,12 @@ def read_mask(pair: PairSource, shape: tuple[int, int]) -> tuple[np.ndarray, np.
     Two GeoTIFFs are aligned by georeference (same CRS required); otherwise sizes must match."""
     if is_raster(pair.image) and is_raster(pair.mask):
         import rasterio
-        from rasterio.enums import Resampling
-        from rasterio.windows import from_bounds
 
         with rasterio.open(pair.image) as img, rasterio.open(pair.mask) as msk:
             if img.crs is not None and msk.crs is not None:
                 if img.crs != msk.crs:
                     raise ConfigError(f"mask {pair.mask} has CRS {msk.crs}, its image {pair.image} has {img.crs}")
-                window = from_bounds(*img.bounds, transform=msk.transform)
-                values = msk.read(1, window=window, out_shape=shape, boundless=True, fill_value=msk.nodata or 0,
-                                  resampling=Resampling.nearest)
-                outside = msk.read_masks(1, window=window, out_shape=shape, boundless=True,
-                                         resampling=Resampling.nearest) == 0
-                return _mask_values(values, msk.nodata, outside, pair.mask)
+                return _mask_on_grid(msk, img, shape, pair.mask)
     if is_raster(pair.mask):
         import rasterio
 
@@ -204,6 +197,30 @@ def read_mask(pair: PairSource, shape: tuple[int, int]) -> tuple[np.ndarray, np.
         raise ConfigError(f"mask {pair.mask} is {values.shape[1]}x{values.shape[0]} px, its image {pair.image} is "
                           f"{shape[1]}x{shape[0]} px (and they are not both georeferenced GeoTIFFs)")
     return _mask_values(values, nodata, np.zeros(shape, dtype=bool), pair.mask)
+
+
+def _mask_on_grid(msk, img, shape: tuple[int, int], path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The mask resampled (nearest) onto the image's pixel grid through both geotransforms; image
+    pixels outside the mask's extent are missing. Written with ``@`` (rasterio's window helpers
+    still use affine's deprecated ``*``)."""
+    height, width = shape
+    rows, cols = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing="ij")
+    xs, ys = img.transform @ (cols.ravel(), rows.ravel())  # pixel centres in the shared CRS
+    mask_cols, mask_rows = ~msk.transform @ (xs, ys)
+    mask_rows, mask_cols = np.floor(mask_rows).astype(np.int64), np.floor(mask_cols).astype(np.int64)
+    inside = (mask_rows >= 0) & (mask_rows < msk.height) & (mask_cols >= 0) & (mask_cols < msk.width)
+    values = np.zeros(height * width, dtype=np.float64)
+    outside = ~inside
+    if inside.any():
+        r0, r1 = mask_rows[inside].min(), mask_rows[inside].max() + 1
+        c0, c1 = mask_cols[inside].min(), mask_cols[inside].max() + 1
+        from rasterio.windows import Window
+
+        block = msk.read(1, window=Window(c0, r0, c1 - c0, r1 - r0))
+        flags = msk.read_masks(1, window=Window(c0, r0, c1 - c0, r1 - r0))
+        values[inside] = block[mask_rows[inside] - r0, mask_cols[inside] - c0]
+        outside[inside] = flags[mask_rows[inside] - r0, mask_cols[inside] - c0] == 0
+    return _mask_values(values.reshape(shape), msk.nodata, outside.reshape(shape), path)
 
 
 def _mask_values(values: np.ndarray, nodata: float | None, outside: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
