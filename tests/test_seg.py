@@ -130,7 +130,7 @@ def test_georeferenced_mask_is_aligned_by_bounds(tmp_path):
 
 
 def test_bad_inputs_are_clear_errors_before_training(tmp_path, geotiff_folder, tiny_backbone):
-    from dinov2_repro.eval.segmentation.train import ModelSpec, build_model, prepare_data
+    from dinov2_repro.eval.segmentation.train import ModelSpec, build_model, prepare_data, run_segmentation
     from PIL import Image
 
     image, labels = _scene(56, 56)
@@ -155,6 +155,10 @@ def test_bad_inputs_are_clear_errors_before_training(tmp_path, geotiff_folder, t
 
     with pytest.raises(ConfigError, match="split 'val' has no 112x112"):
         prepare_data(data=str(geotiff_folder), workdir=tmp_path, tile=112)
+
+    odd = prepare_data(data=str(geotiff_folder), workdir=tmp_path, tile=21)
+    with pytest.raises(ConfigError, match="--tile 21: not a multiple of the patch size 14"):
+        run_segmentation(ModelSpec("t", "vit", str(tiny_backbone)), odd, out_dir=None, iterations=1)
 
     data = prepare_data(data=str(geotiff_folder), workdir=tmp_path, tile=28, bands=[1, 2])
     with pytest.raises(ConfigError, match=r"tiny\.safetensors takes in_chans=3 bands but the data has 2"):

@@ -12,7 +12,8 @@ import numpy as np
 from ...config import ConfigError
 from ...io.files import atomic_write_text
 from .data import SPLITS
-from .train import ModelSpec, SegData, build_model, cached_features, evaluate_head, fresh_head, input_normalisation, normalise, train_head
+from .train import (ModelSpec, SegData, build_model, cached_features, check_tile, evaluate_head, fresh_head,
+                    input_normalisation, normalise, train_head)
 
 
 def parse_n_labelled(text: str) -> list[int | None]:
@@ -53,9 +54,13 @@ def run_label_efficiency(specs: Sequence[ModelSpec], data: SegData, *, n_values:
     common = dict(num_classes=data.num_classes, ignore_index=data.ignore_index, class_names=data.class_names)
     models: dict[str, Any] = {}
     jobs = [(n, seed) for n in counts for seed in seeds]
-    for spec in specs:
-        started = time.perf_counter()
+    built = []
+    for spec in specs:  # every model is built and checked before the first head trains
         features, _, meta = build_model(spec, data_channels=data.in_channels, num_classes=data.num_classes)
+        check_tile(features, data, spec)
+        built.append((spec, features, meta))
+    for spec, features, meta in built:
+        started = time.perf_counter()
         mean, std = input_normalisation(meta, data.images["train"])
         feats = {s: cached_features(features, normalise(data.images[s], mean, std)) for s in ("train", "test")}
         runs: dict[str, Any] = {}

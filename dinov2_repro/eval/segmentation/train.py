@@ -108,6 +108,13 @@ def build_model(spec: ModelSpec, *, data_channels: int, num_classes: int, seed: 
     return features, head, {}
 
 
+def check_tile(features: nn.Module, data: SegData, spec: ModelSpec) -> None:
+    """Tiles must be a whole number of patches: checked before any training."""
+    patch = int(getattr(features, "patch_size", 1))
+    if data.tile % patch:
+        raise ConfigError(f"--tile {data.tile}: not a multiple of the patch size {patch} of {spec.backbone}")
+
+
 def fresh_head(spec: ModelSpec, features: nn.Module, *, in_channels: int, num_classes: int, seed: int) -> nn.Module:
     """A newly initialised (seeded) head for already built features: no backbone reload."""
     torch.manual_seed(seed)
@@ -181,6 +188,7 @@ def run_segmentation(spec: ModelSpec, data: SegData, *, out_dir: Path | None, lr
                      iterations: int = 200, batch_size: int = 8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Train one head per learning rate, keep the best on val mIoU, report test metrics; saves the run."""
     features, _, meta = build_model(spec, data_channels=data.in_channels, num_classes=data.num_classes, seed=seed)
+    check_tile(features, data, spec)
     mean, std = input_normalisation(meta, data.images["train"])
     feats = {s: cached_features(features, normalise(data.images[s], mean, std)) for s in SPLITS}
     common = dict(num_classes=data.num_classes, ignore_index=data.ignore_index, class_names=data.class_names)
