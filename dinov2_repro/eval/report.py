@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..io.files import atomic_write_text
-from .visualize import _pyplot, save_figure
+from .visualize import pyplot, save_figure
 
 
 def plot_loss_curves(runs: Mapping[str, Path], path: str | os.PathLike) -> Path | None:
@@ -23,7 +23,7 @@ def plot_loss_curves(runs: Mapping[str, Path], path: str | os.PathLike) -> Path 
             curves[name] = points
     if not curves:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.2), squeeze=False)
     for axis, (name, points) in zip(axes[0], curves.items()):
         axis.plot([p[0] for p in points], [p[1] for p in points])

@@ -3,13 +3,14 @@ paper's figure-1 style), class-map colouring and prediction-vs-ground-truth pane
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from ..io.files import atomic_output
 
 # Colours per class index (tab10 without grey); index -1 (nodata / ignore) is drawn black.
 _PALETTE = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189], [140, 86, 75],
@@ -21,20 +22,16 @@ def save_figure(figure: Any, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(handle)
     try:
-        figure.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_output(path, suffix=path.suffix) as tmp:
+            figure.savefig(tmp, dpi=110, bbox_inches="tight")
     finally:
         plt.close(figure)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,7 +49,7 @@ def colour_classes(indices: np.ndarray) -> np.ndarray:
 
 def plot_label_efficiency(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Test mIoU vs number of labelled tiles: mean line and min-max band over seeds, per model."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     for name, model in result["models"].items():
         ns = sorted(int(n) for n in model["runs"])
@@ -89,7 +86,7 @@ def pca_rgb(model: nn.Module, images: Tensor) -> np.ndarray:
 
 def plot_pca(models: Mapping[str, nn.Module], images: Tensor, display: np.ndarray, path: str | os.PathLike) -> Path:
     """One row per model: each image's PCA map next to the image itself (``display``: (N, H, W, 3) in [0, 1])."""
-    plt = _pyplot()
+    plt = pyplot()
     count = len(images)
     figure, axes = plt.subplots(len(models) + 1, count, figsize=(1.6 * count, 1.7 * (len(models) + 1)), squeeze=False)
     for column in range(count):
@@ -110,7 +107,7 @@ def plot_pca(models: Mapping[str, nn.Module], images: Tensor, display: np.ndarra
 def plot_prediction_vs_truth(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray, class_names: Sequence[str],
                              path: str | os.PathLike, *, title: str = "") -> Path:
     """Image | ground truth | prediction; class maps hold indices with -1 for nodata / ignore."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Patch
 
     figure, axes = plt.subplots(1, 3, figsize=(12, 4.4))

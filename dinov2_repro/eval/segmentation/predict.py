@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from ...config import ConfigError
+from ...io.files import atomic_output
 from ...io.raster import RasterScaling, read_window
 from .data import check_bands, raster_valid
 from .train import load_run, normalise
@@ -83,15 +83,12 @@ def predict_scene(run_dir: str | os.PathLike, scene: str | os.PathLike, out: str
         k = len(class_values)
         acc_width = max(width, tile)
         acc = np.zeros((k, tile, acc_width), dtype=np.float32)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tif")
-        os.close(handle)
         iterator = rows
         if progress:
             from tqdm import tqdm
 
             iterator = tqdm(rows, desc=f"predict {scene.name}", unit="row")
-        try:
+        with atomic_output(out, suffix=".tif") as tmp:
             with rasterio.open(tmp, "w", **profile) as dst:
                 for i, row in enumerate(iterator):
                     for start in range(0, len(cols), batch_size):
@@ -106,10 +103,6 @@ def predict_scene(run_dir: str | os.PathLike, scene: str | os.PathLike, out: str
                     acc = np.roll(acc, -done, axis=1)
                     acc[:, -done:] = 0
                 dst.update_tags(source_scene=str(scene), seg_run=str(run_dir), input_nodata=str(src.nodata))
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     preview = write_preview(out, class_values)
     return {"map": str(out), "preview": str(preview), "tile_px": tile, "stride_px": stride, "windows": len(rows) * len(cols),
             "nodata": out_nodata, "size": [height, width]}
@@ -144,8 +137,6 @@ def write_preview(map_path: Path, class_values: list[int], *, max_side: int = 10
     if nodata is not None:
         indices[codes == nodata] = -1
     preview = map_path.with_suffix(".png")
-    handle, tmp = tempfile.mkstemp(dir=preview.parent, prefix=f".{preview.stem}.", suffix=".png")
-    os.close(handle)
-    Image.fromarray(colour_classes(indices)).save(tmp)
-    os.replace(tmp, preview)
+    with atomic_output(preview, suffix=".png") as tmp:
+        Image.fromarray(colour_classes(indices)).save(tmp)
     return preview

@@ -7,7 +7,6 @@ bands, classes, input normalisation, tile size), ``head.safetensors`` (the train
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import ConfigError
-from ...io.files import atomic_write_text
-from .data import SPLITS, Scene, Tile, check_splits, discover_pairs, load_scene, mask_codes_present, spatial_tiles, tile_arrays
+from ...io.files import atomic_output, atomic_write_text
+from .data import SPLITS, check_splits, discover_pairs, load_scene, mask_codes_present, spatial_tiles, tile_arrays
 from .decoders import FrozenViTFeatures, build_head, build_segmenter
 from .metrics import confusion_matrix, segmentation_metrics
 
@@ -223,9 +222,8 @@ def save_run(out_dir: Path, *, spec: ModelSpec, data: SegData, head: nn.Module, 
     record = {"model": {**asdict(spec), "backbone": str(Path(spec.backbone).resolve()) if spec.backbone else None},
               "tile": data.tile, "bands": data.bands, "class_values": data.class_values, "class_names": data.class_names,
               "ignore_index": data.ignore_index, "seed": int(metrics.get("seed", 0)), "mean": list(mean), "std": list(std), "in_channels": data.in_channels}
-    tmp = out_dir / f".{HEAD_FILE}.tmp"
-    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(tmp))
-    os.replace(tmp, out_dir / HEAD_FILE)
+    with atomic_output(out_dir / HEAD_FILE, suffix=".safetensors") as tmp:
+        save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(tmp))
     atomic_write_text(out_dir / RUN_FILE, json.dumps(record, indent=2) + "\n")
     atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
 
