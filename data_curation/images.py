@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dinov2_repro.io.manifest import resolve_row_path
-from dinov2_repro.io.raster import RowPixels
+from dinov2_repro.io.raster import RowPixels, scale_array
 
 # One policy object per process: its per-scene range cache is shared by every row of a scene.
 _PIXELS = RowPixels()
@@ -28,6 +28,12 @@ def fit_channels(pixels: np.ndarray, channels: int = 3) -> np.ndarray:
     if pixels.ndim != 3:
         raise ValueError(f"expected (C, H, W) pixels, got shape {pixels.shape}")
     return np.ascontiguousarray(pixels[[c % pixels.shape[0] for c in range(channels)]])
+
+
+def to_unit(pixels: np.ndarray, channels: int = 3) -> np.ndarray:
+    """An in-memory (C, H, W) array (e.g. a crop of a scene read by hand) under the shared policy,
+    the array being its own scene, with ``channels`` channels."""
+    return fit_channels(scale_array(pixels), channels)
 
 
 def load_row_image(row: dict, manifest_dir: str | Path, bands: Sequence[int] | None = None, channels: int = 3) -> np.ndarray:

@@ -14,12 +14,12 @@ from typing import Sequence
 
 from .cli_args import OVERRIDE, add_debug_argument
 from .config import ConfigError
+from .curation.cli import register as register_curate
 from .eval.cli import register as register_eval
 from .eval.predict_cli import register as register_predict
 from .export_checkpoint import register as register_export
 from .misc_cli import register_demo, register_info
 from .train.cli import register as register_train
-from dinov2_repro.curation.cli import register as register_curate
 
 # Exceptions that mean "the command line or the files it names are wrong": one line, no traceback.
 USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,

@@ -67,6 +67,7 @@ def _model_state(run_dir):
     return read_meta(checkpoint)["iteration"], model.state_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])
 def test_resume_is_bit_identical(image_root, tmp_path, centering):
     separate = "true" if centering == "sinkhorn_knopp" else "false"  # cover both head layouts
@@ -95,6 +96,8 @@ def test_resume_is_bit_identical(image_root, tmp_path, centering):
     assert (tmp_path / "straight" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.faults
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(image_root, tmp_path):
     class NaNAtIteration5(SSLMetaArch):
         calls = 0
@@ -116,6 +119,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(image_root, tmp_path):
     assert not (tmp_path / "run" / "export" / "teacher_backbone.safetensors").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.faults
 def test_corrupt_files_are_skipped_and_export_loads_in_timm(image_root, tmp_path):
     import shutil
 

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..io.files import atomic_output
+from ..io.raster import tile_windows
 
 LANDSAT_BANDS = ("10", "20", "30", "40", "50", "70")  # ETM+ blue, green, red, NIR, SWIR1, SWIR2
 LANDCOVER_CLASSES = ("developed", "agriculture", "herbaceous", "shrubland", "forest", "water", "sediment")
@@ -125,10 +126,9 @@ def write_landsat_stack(out_path: str | os.PathLike) -> Path:
 
 def _tiles(image: np.ndarray, tile: int, stride: int, valid: np.ndarray | None = None):
     height, width = image.shape[:2]
-    for row in range(0, height - tile + 1, stride):
-        for col in range(0, width - tile + 1, stride):
-            if valid is None or valid[row : row + tile, col : col + tile].all():
-                yield row, col, image[row : row + tile, col : col + tile]
+    for col, row, _, _ in tile_windows(width, height, tile, stride):
+        if valid is None or valid[row : row + tile, col : col + tile].all():
+            yield row, col, image[row : row + tile, col : col + tile]
 
 
 def _fit_short_side(image: np.ndarray, side: int) -> np.ndarray:

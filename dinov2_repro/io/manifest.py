@@ -56,7 +56,8 @@ def _import_parquet(path: Path):
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
     _, pq = _import_parquet(path)
-    return pq.read_table(path).to_pylist()
+    # A column holds a null where a row lacks the key; absent and null mean the same in a manifest.
+    return [{k: v for k, v in row.items() if v is not None} for row in pq.read_table(path).to_pylist()]
 
 
 def write_manifest(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
@@ -65,10 +66,12 @@ def write_manifest(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     rows = list(rows)
     if path.suffix == ".parquet":
         pyarrow, pq = _import_parquet(path)
-        # Round-trip through JSON so numpy scalars and paths become plain values pyarrow accepts.
+        # Round-trip through JSON so numpy scalars and paths become plain values pyarrow accepts;
+        # one column per key of any row (rows lacking it get a null there).
         plain = json.loads(json.dumps(rows, default=json_default))
+        keys = list(dict.fromkeys(key for row in plain for key in row))
         with atomic_output(path, suffix=".parquet") as tmp:
-            pq.write_table(pyarrow.Table.from_pylist(plain), tmp)
+            pq.write_table(pyarrow.Table.from_pydict({key: [row.get(key) for row in plain] for key in keys}), tmp)
         return path
     text = "".join(json.dumps(row, sort_keys=True, default=json_default) + "\n" for row in rows)
     return atomic_write_text(path, text)

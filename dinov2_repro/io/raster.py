@@ -160,11 +160,27 @@ def read_window(path: str | os.PathLike, bands: Sequence[int], window: Sequence[
             target = (slice(None), slice(r0 - row_off, r1 - row_off), slice(c0 - col_off, c1 - col_off))
             data[target] = part
             valid[target] = valid_mask(part, src.nodatavals, bands, src.read_masks(bands, window=inside))
+    return apply_ranges(data, valid, ranges)
+
+
+def apply_ranges(data: np.ndarray, valid: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    """Map each band linearly from its [low, high] to [0, 1], clip, and set invalid pixels to 0."""
     low, high = ranges[:, 0, None, None], ranges[:, 1, None, None]
     with np.errstate(invalid="ignore"):  # NaN pixels are invalid and zeroed just below
         scaled = np.clip((data - low) / (high - low), 0.0, 1.0)
     scaled[~valid] = 0.0
     return scaled.astype(np.float32)
+
+
+def scale_array(pixels: np.ndarray, *, scaling: RasterScaling | None = None) -> np.ndarray:
+    """The policy applied to an in-memory (C, H, W) array that is its own scene: ranges from its
+    finite pixels, float32 in [0, 1], non-finite pixels 0."""
+    if pixels.ndim != 3:
+        raise ValueError(f"expected (C, H, W) pixels, got shape {pixels.shape}")
+    data = pixels.astype(np.float64)
+    valid = np.isfinite(data)
+    ranges = (scaling or RasterScaling()).ranges("in-memory array", list(range(1, len(data) + 1)), (data, valid))
+    return apply_ranges(data, valid, ranges)
 
 
 def read_pil_rgb(path: str | os.PathLike) -> Image.Image:
