@@ -259,3 +259,17 @@ def test_pca_figure(tmp_path, one_torch_thread):
     assert maps.shape == (3, 2, 2, 3) and 0 <= maps.min() and maps.max() <= 1
     path = plot_pca({"teacher": _tiny_vit(3)}, images, images.permute(0, 2, 3, 1).numpy(), tmp_path / "pca.png")
     assert path.stat().st_size > 1000
+
+
+def test_manifest_rows_give_pairs_with_their_split(geotiff_folder, tmp_path):
+    from dinov2_repro.eval.segmentation.data import discover_pairs
+
+    image, mask = geotiff_folder / "images" / "scene.tif", geotiff_folder / "masks" / "scene.tif"
+    manifest = tmp_path / "pairs.jsonl"
+    manifest.write_text(json.dumps({"path": str(image), "mask": str(mask), "split": "test"}) + "\n"
+                        + json.dumps({"path": str(image), "mask": str(mask)}) + "\n")
+    pairs = discover_pairs(str(manifest), workdir=tmp_path)
+    assert [(p.image, p.mask, p.split) for p in pairs] == [(image, mask, "test"), (image, mask, None)]
+    manifest.write_text(json.dumps({"path": str(image)}) + "\n")
+    with pytest.raises(ConfigError, match="row 1 has no 'mask'"):
+        discover_pairs(str(manifest), workdir=tmp_path)

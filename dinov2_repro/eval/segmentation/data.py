@@ -12,7 +12,6 @@ whole tiles, and blocks (never single tiles) are dealt to train / val / test.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -70,21 +69,18 @@ def _pairs_in(folder: Path, split: str | None) -> list[PairSource]:
 
 
 def _manifest_pairs(path: Path) -> list[PairSource]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    """Rows with ``path`` and ``mask`` (relative paths: to the manifest's folder) and an optional ``split``."""
+    from ...io.manifest import read_manifest, resolve_row_path
 
-        rows = pq.read_table(path).to_pylist()
-    else:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     pairs = []
-    for number, row in enumerate(rows, start=1):
-        if "path" not in row or "mask" not in row:
-            raise ConfigError(f"{path}: row {number} needs 'path' and 'mask' keys, has {sorted(row)}")
+    for number, row in enumerate(read_manifest(path), start=1):
+        if not row.get("mask"):
+            raise ConfigError(f"manifest {path}: row {number} has no 'mask' (keys: {sorted(row)})")
         split = row.get("split")
         if split is not None and split not in SPLITS:
-            raise ConfigError(f"{path}: row {number} has split={split!r}; use one of {', '.join(SPLITS)}")
-        resolve = lambda p: Path(p) if Path(p).is_absolute() else path.parent / p  # noqa: E731
-        pairs.append(PairSource(resolve(row["path"]), resolve(row["mask"]), split))
+            raise ConfigError(f"manifest {path}: row {number} has split={split!r}; use one of {', '.join(SPLITS)}")
+        mask = resolve_row_path({"path": row["mask"]}, path.parent)
+        pairs.append(PairSource(resolve_row_path(row, path.parent), mask, split))
     return pairs
 
 
