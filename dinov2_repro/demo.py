@@ -192,7 +192,10 @@ def _pca_figure(backbones: dict[str, Path], data: Any, path: Path) -> str:
     from .eval.visualize import plot_pca
     from .backbone_file import load_backbone
 
-    images = data.images["test"][:6]
+    import torch.nn.functional as F
+
+    # 2x upsampled test tiles: an 8x8 patch grid shows more structure than the tiles' 4x4
+    images = F.interpolate(data.images["test"][:6], scale_factor=2, mode="bilinear", align_corners=False).clamp(0, 1)
     models, inputs = {}, None
     for name, export in backbones.items():
         model, meta = load_backbone(export)
@@ -207,7 +210,8 @@ def _report(out: Path, results: dict[str, Any], timings: dict[str, float], disti
     from .eval.report import plot_loss_curves, results_table, write_report
 
     le = results["label_efficiency"]
-    n_columns = [f"seg mIoU n={n}" for n in le["n_labelled"]]
+    n_all = le["n_tiles"]["train"]
+    n_columns = [f"seg mIoU n={n}" + (" (all)" if n == n_all else "") for n in le["n_labelled"]]
     rows = []
     for name, model in le["models"].items():
         row: dict[str, Any] = {"model": name}
