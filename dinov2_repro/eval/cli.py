@@ -142,7 +142,8 @@ def run_seg(args: argparse.Namespace) -> dict:
 def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="'landsat' (shipped scene + strata map), a folder with images/ and "
                    "masks/ (or train|val|test/{images,masks}), or a JSONL/Parquet manifest with path and mask columns")
-    p.add_argument("--backbone", type=Path, default=None, help="a backbone .safetensors export (frozen)")
+    p.add_argument("--backbone", type=Path, default=None,
+                   help="a backbone .safetensors export (frozen); without it the supervised U-Net is trained")
     p.add_argument("--name", default="teacher", help="name of --backbone in outputs")
     p.add_argument("--decoder", choices=["linear", "unet", "upernet"], default="unet")
     p.add_argument("--tile", type=int, default=56, help="tile size in px (a multiple of the patch size)")
