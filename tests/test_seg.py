@@ -273,3 +273,23 @@ def test_manifest_rows_give_pairs_with_their_split(geotiff_folder, tmp_path):
     manifest.write_text(json.dumps({"path": str(image)}) + "\n")
     with pytest.raises(ConfigError, match="row 1 has no 'mask'"):
         discover_pairs(str(manifest), workdir=tmp_path)
+
+
+def test_split_folders_fix_the_split_and_png_masks_map_codes(tmp_path, one_torch_thread):
+    from PIL import Image
+
+    from dinov2_repro.eval.segmentation.train import prepare_data
+
+    for split in ("train", "val", "test"):
+        for sub in ("images", "masks"):
+            (tmp_path / split / sub).mkdir(parents=True)
+        mask = np.full((28, 28), 7, np.uint8)
+        mask[:, 14:] = 9
+        mask[0, 0] = 255  # ignore index
+        Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tmp_path / split / "images" / "a.png")
+        Image.fromarray(mask).save(tmp_path / split / "masks" / "a.png")
+    data = prepare_data(data=str(tmp_path), workdir=tmp_path, tile=28)
+    assert data.class_values == [7, 9]
+    assert {split: len(data.labels[split]) for split in ("train", "val", "test")} == {"train": 1, "val": 1, "test": 1}
+    labels = data.labels["train"][0]
+    assert labels[0, 0] == 255 and labels[1, 0] == 0 and labels[1, 20] == 1
