@@ -32,6 +32,7 @@ setup(
         "tqdm",
         "submitit>=1.5",
         "matplotlib",
+        "segmentation-models-pytorch>=0.5",  # U-Net / UPerNet decoders of `eval seg` (never downloads weights)
     ],
     extras_require={
         "gpu": ["xformers", "faiss-gpu"],

@@ -17,6 +17,7 @@ from .config import ConfigError
 from .curation.cli import register as register_curate
 from .distill.cli import register as register_distill
 from .eval.cli import register as register_eval
+from .eval.predict_cli import register as register_predict
 from .export_checkpoint import register as register_export
 from .misc_cli import register_demo, register_info
 from .plan.cli import register as register_plan
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_plan(sub)
     register_export(sub)
     register_eval(sub)
+    register_predict(sub)
     register_demo(sub)
     register_info(sub)
     for verb_parser in sub.choices.values():

@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 READMES = [ROOT / "README.md", ROOT / "data_curation" / "README.md"]
 # Verbs that take minutes or need data a reader supplies: dry-run instead of run.
-EXPENSIVE_VERBS = {"train", "curate", "demo", "export", "eval", "distill"}
+EXPENSIVE_VERBS = {"train", "curate", "demo", "export", "eval", "distill", "predict"}
 FENCE = re.compile(r"```[a-z]*\n(.*?)```", re.S)
 INLINE = re.compile(r"`(dinov2-repro(?: [^`]*)?)`")
 

@@ -1,10 +1,13 @@
-"""``dinov2-repro eval knn|landcover``: frozen-backbone evaluations of an exported backbone."""
+"""``dinov2-repro eval knn|landcover|linear|seg``: frozen-backbone evaluations of an exported backbone."""
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
+
+from ..config import ConfigError
 
 if TYPE_CHECKING:  # torch is imported when a task runs, not when the CLI is built
     import torch
@@ -54,8 +57,114 @@ def run_landcover(args: argparse.Namespace) -> dict:
             **landcover_knn_report(args.backbone, size=args.size or None, k=args.k)}
 
 
+def run_linear(args: argparse.Namespace) -> dict:
+    import torch
+
+    from ..backbone_file import load_backbone
+    from .linear import linear_probe
+
+    model, meta = load_backbone(args.backbone)
+    size = args.size or int(meta["img_size"])
+    if args.landcover:
+        from ..data.sample_data import LANDCOVER_CLASSES, landcover_tiles
+        from .knn_classifier import images_to_tensor
+
+        train_x, train_y, val_x, val_y = landcover_tiles()
+        to_tensor = lambda x: images_to_tensor(x, mean=meta["mean"], std=meta["std"], size=size)  # noqa: E731
+        train_t, val_t = to_tensor(train_x), to_tensor(val_x)
+        train_l, val_l = torch.as_tensor(train_y).long(), torch.as_tensor(val_y).long()
+        names, data = list(LANDCOVER_CLASSES), "landcover"
+    elif args.train and args.val:
+        from ..data import build_dataset
+
+        train_t, train_l = _dataset_tensors(args.train, size=size, mean=meta["mean"], std=meta["std"])
+        val_t, val_l = _dataset_tensors(args.val, size=size, mean=meta["mean"], std=meta["std"])
+        names, data = list(getattr(build_dataset(args.train), "classes", []) or []) or None, f"{args.train} -> {args.val}"
+    else:
+        raise ConfigError("eval linear: give --train and --val dataset specs, or --landcover")
+    result = linear_probe(model, train_t, train_l, val_t, val_l, class_names=names, lrs=_floats(args.lrs, "--lrs"),
+                          n_blocks=args.n_blocks, epochs=args.epochs)
+    return {"task": "linear", "backbone": str(args.backbone), "data": data, "size_px": size, **result}
+
+
+def _floats(text: str, option: str) -> list[float]:
+    from ..io.raster import parse_float_list
+
+    return parse_float_list(text, what=option)
+
+
+def _ints(text: str | None, option: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} {text}: expected comma-separated integers") from None
+
+
+def run_seg(args: argparse.Namespace) -> dict:
+    from .segmentation.train import ModelSpec, prepare_data, run_segmentation
+
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    # The shipped example writes its 6-band stack into the run directory (a temporary one without --out-dir).
+    workdir = out_dir or Path(tempfile.mkdtemp(prefix="dinov2_repro_seg_"))
+    data = prepare_data(data=args.data, workdir=workdir, tile=args.tile,
+                        bands=_ints(args.bands, "--bands"), classes=_ints(args.classes, "--classes"),
+                        class_names=args.class_names.split(",") if args.class_names else None,
+                        ignore_index=args.ignore_index, split_seed=args.split_seed)
+    kind = "vit" if args.backbone else "supervised"
+    main_spec = ModelSpec(name=args.name, kind=kind, backbone=str(args.backbone) if args.backbone else None, decoder=args.decoder)
+    if not args.n_labelled:
+        return run_segmentation(main_spec, data, out_dir=out_dir, lrs=_floats(args.lrs, "--lrs"), iterations=args.iterations,
+                                batch_size=args.batch_size, seed=args.seed)
+    from .segmentation.label_efficiency import parse_n_labelled, run_label_efficiency
+
+    specs = [main_spec]
+    for item in args.compare:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--compare {item}: expected NAME=BACKBONE.safetensors")
+        specs.append(ModelSpec(name=name, kind="vit", backbone=path, decoder=args.decoder))
+    for baseline in [b for b in args.baselines.split(",") if b]:
+        if baseline == "random_init":
+            if not args.backbone:
+                raise ConfigError("--baselines random_init needs --backbone (it rebuilds that architecture)")
+            specs.append(ModelSpec(name="random_init", kind="random_init", backbone=str(args.backbone), decoder=args.decoder))
+        elif baseline in ("spectral", "supervised"):
+            specs.append(ModelSpec(name=baseline, kind=baseline))
+        else:
+            raise ConfigError(f"--baselines: unknown baseline {baseline!r}; choose from random_init, spectral, supervised")
+    return run_label_efficiency(specs, data, n_values=parse_n_labelled(args.n_labelled),
+                                seeds=_ints(args.seeds, "--seeds") or [0], lr=_floats(args.lrs, "--lrs")[0],
+                                iterations=args.iterations, batch_size=args.batch_size, out_dir=out_dir)
+
+
+def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="'landsat' (shipped scene + strata map), a folder with images/ and "
+                   "masks/ (or train|val|test/{images,masks}), or a JSONL/Parquet manifest with path and mask columns")
+    p.add_argument("--backbone", type=Path, default=None,
+                   help="a backbone .safetensors export (frozen); without it the supervised U-Net is trained")
+    p.add_argument("--name", default="teacher", help="name of --backbone in outputs")
+    p.add_argument("--decoder", choices=["linear", "unet", "upernet"], default="unet")
+    p.add_argument("--tile", type=int, default=56, help="tile size in px (a multiple of the patch size)")
+    p.add_argument("--bands", default=None, help="1-based bands to read, e.g. 3,2,1 (default: all)")
+    p.add_argument("--classes", default=None, help="mask values that are classes, in order (default: those found)")
+    p.add_argument("--class-names", default=None, help="comma-separated names, one per class")
+    p.add_argument("--ignore-index", type=int, default=255, help="mask value excluded from loss and metrics")
+    p.add_argument("--lrs", default="0.001", help="learning-rate sweep, best on val (label efficiency: the first)")
+    p.add_argument("--iterations", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the block-to-split assignment")
+    p.add_argument("--n-labelled", default=None, help="label efficiency, e.g. 2,4,8,16,all")
+    p.add_argument("--seeds", default="0,1,2", help="label-efficiency subset seeds")
+    p.add_argument("--compare", action="append", default=[], help="NAME=BACKBONE.safetensors (repeatable), e.g. a student")
+    p.add_argument("--baselines", default="random_init,spectral,supervised", help="label-efficiency baselines")
+    p.add_argument("--out-dir", type=Path, default=None, help="run directory (seg_run.json, head, metrics / curves)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="frozen-backbone evaluations: knn, landcover",
+    parser = subparsers.add_parser("eval", help="frozen-backbone evaluations: knn, landcover, linear, seg",
                                    description="Frozen-backbone evaluations of an exported backbone.")
     parser.set_defaults(help_parser=parser)  # `dinov2-repro eval` alone prints this parser's help
     tasks = parser.add_subparsers(dest="task", metavar="TASK", title="tasks")
@@ -71,12 +180,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--val", required=True, help="labelled dataset spec")
             p.add_argument("--temperature", type=float, default=0.07)
         p.set_defaults(run=run_eval)
+    p = tasks.add_parser("linear", help="linear probe on frozen CLS + pooled patch features (lr sweep)",
+                         description="Linear probe: CLS of the last 1 or 4 blocks + mean patch token; lr sweep.")
+    p.add_argument("--backbone", required=True, type=Path, help="a backbone .safetensors export")
+    p.add_argument("--train", default=None, help="labelled dataset spec, e.g. ImageFolder:root=D:labels=subdirs")
+    p.add_argument("--val", default=None, help="labelled dataset spec")
+    p.add_argument("--landcover", action="store_true", help="use the shipped Landsat land-cover tiles")
+    p.add_argument("--n-blocks", type=int, choices=[1, 4], default=1, help="CLS tokens of the last 1 or 4 blocks")
+    p.add_argument("--lrs", default="0.01,0.1,1.0", help="learning-rate sweep")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--size", type=int, default=0, help="input size in px (default: the export's img_size)")
+    p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here too")
+    p.set_defaults(run=run_eval)
+    p = tasks.add_parser("seg", help="segmentation: frozen backbone + linear/unet/upernet decoder; label efficiency",
+                         description="Frozen-backbone segmentation on image+mask pairs; --n-labelled for label efficiency.")
+    _add_seg_arguments(p)
+    p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here too")
+    p.set_defaults(run=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..io.files import atomic_write_text
 
-    result = run_knn(args) if args.task == "knn" else run_landcover(args)
+    runners = {"knn": run_knn, "landcover": run_landcover, "linear": run_linear, "seg": run_seg}
+    result = runners[args.task](args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -1,0 +1,26 @@
+"""``dinov2-repro predict seg``: a class map of a whole GeoTIFF scene from a saved segmentation run."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _run_predict_seg(args: argparse.Namespace) -> int:
+    from .segmentation.predict import predict_scene
+
+    result = predict_scene(args.checkpoint, args.scene, args.out, overlap=args.overlap, batch_size=args.batch_size)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("predict", help="map prediction: `predict seg --checkpoint SEG_RUN --scene S.tif --out map.tif`")
+    tasks = parser.add_subparsers(dest="predict_task", required=True)
+    seg = tasks.add_parser("seg", help="sliding-window segmentation of a GeoTIFF scene (streamed, any size)")
+    seg.add_argument("--checkpoint", required=True, type=Path, help="an `eval seg --out-dir` run directory")
+    seg.add_argument("--scene", required=True, type=Path, help="input GeoTIFF")
+    seg.add_argument("--out", required=True, type=Path, help="output GeoTIFF (class codes); a .png preview is written beside it")
+    seg.add_argument("--overlap", type=float, default=0.25, help="window overlap as a fraction of the tile")
+    seg.add_argument("--batch-size", type=int, default=16)
+    seg.set_defaults(run=_run_predict_seg)

@@ -1,0 +1,1 @@
+"""Frozen-backbone semantic segmentation: data, necks, decoders, metrics, training, map prediction."""

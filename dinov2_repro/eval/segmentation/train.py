@@ -1,0 +1,244 @@
+"""Train and evaluate segmentation heads on frozen features; save / load a segmentation run.
+
+A run directory (``SEG_RUN``) holds ``seg_run.json`` (model kind, backbone reference, decoder,
+bands, classes, input normalisation, tile size), ``head.safetensors`` (the trained weights) and
+``metrics.json``; ``dinov2-repro predict seg`` rebuilds the model from it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...config import ConfigError
+from ...io.files import atomic_output, atomic_write_text
+from .data import SPLITS, check_splits, discover_pairs, load_scene, mask_codes_present, spatial_tiles, tile_arrays
+from .decoders import FrozenViTFeatures, build_head, build_segmenter
+from .metrics import confusion_matrix, segmentation_metrics
+
+RUN_FILE, HEAD_FILE, METRICS_FILE = "seg_run.json", "head.safetensors", "metrics.json"
+
+
+@dataclass
+class SegData:
+    """Tiles of every split, ready for training: images (N, C, T, T) in [0, 1], labels (N, T, T)."""
+
+    data: str
+    tile: int
+    bands: list[int] | None
+    class_values: list[int]
+    class_names: list[str]
+    ignore_index: int
+    images: dict[str, Tensor]
+    labels: dict[str, Tensor]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_values)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.images["train"].shape[1])
+
+
+def prepare_data(*, data: str, workdir: Path, tile: int, bands: Sequence[int] | None = None,
+                 classes: Sequence[int] | None = None, class_names: Sequence[str] | None = None,
+                 ignore_index: int = 255, split_seed: int = 0) -> SegData:
+    """Read every pair, map classes, cut spatially disjoint tiles; every check happens here, before training."""
+    pairs = discover_pairs(data, workdir=workdir)
+    if data == "landsat" and classes is None:
+        from ...data.sample_data import LANDCOVER_CLASSES
+
+        classes, class_names = list(range(1, len(LANDCOVER_CLASSES) + 1)), list(LANDCOVER_CLASSES)
+    values = list(classes) if classes is not None else mask_codes_present(pairs, ignore_index=ignore_index)
+    if not values:
+        raise ConfigError(f"--data {data}: the masks hold no class values")
+    names = list(class_names) if class_names else [str(v) for v in values]
+    if len(names) != len(values):
+        raise ConfigError(f"--class-names gives {len(names)} names for {len(values)} classes {values}")
+    scenes = [load_scene(p, bands=bands, class_values=values, ignore_index=ignore_index) for p in pairs]
+    channels = {s.image.shape[0] for s in scenes}
+    if len(channels) > 1:
+        raise ConfigError(f"--data {data}: images have different band counts {sorted(channels)}; choose --bands")
+    tiles = spatial_tiles(scenes, tile=tile, ignore_index=ignore_index, seed=split_seed)
+    check_splits(tiles, data=data, tile=tile)
+    images, labels = {}, {}
+    for split in SPLITS:
+        x, y = tile_arrays(scenes, tiles[split], tile=tile)
+        images[split], labels[split] = torch.from_numpy(x), torch.from_numpy(y)
+    return SegData(data, tile, list(bands) if bands else None, values, names, ignore_index, images, labels)
+
+
+# ---------------------------------------------------------------------------------- models
+@dataclass
+class ModelSpec:
+    """What a segmentation run is: ``kind`` vit (frozen backbone export + decoder), spectral or supervised."""
+
+    name: str
+    kind: str
+    backbone: str | None = None
+    decoder: str = "unet"
+
+
+def build_model(spec: ModelSpec, *, data_channels: int, num_classes: int, seed: int = 0) -> tuple[nn.Module, nn.Module, dict]:
+    """(features, head, backbone header or {}); ``vit`` with ``random_init=...`` rebuilds the export's
+    architecture at a seeded random init (the baseline)."""
+    torch.manual_seed(seed)
+    if spec.kind in ("vit", "random_init"):
+        from ...backbone_file import load_backbone, model_kwargs_from_metadata
+        from ...models import DinoVisionTransformer
+
+        backbone, meta = load_backbone(spec.backbone)
+        if spec.kind == "random_init":
+            backbone = DinoVisionTransformer(**model_kwargs_from_metadata(meta)).eval()
+        if int(meta["in_chans"]) != data_channels:
+            raise ConfigError(f"backbone {spec.backbone} takes in_chans={meta['in_chans']} bands but the data has "
+                              f"{data_channels}; choose bands with --bands (e.g. --bands 3,2,1 for Landsat true colour)")
+        features, head = build_segmenter(kind="vit", num_classes=num_classes, in_channels=data_channels,
+                                         decoder=spec.decoder, backbone=backbone)
+        return features, head, meta
+    features, head = build_segmenter(kind=spec.kind, num_classes=num_classes, in_channels=data_channels)
+    return features, head, {}
+
+
+def check_tile(features: nn.Module, data: SegData, spec: ModelSpec) -> None:
+    """Tiles must be a whole number of patches: checked before any training."""
+    patch = int(getattr(features, "patch_size", 1))
+    if data.tile % patch:
+        raise ConfigError(f"--tile {data.tile}: not a multiple of the patch size {patch} of {spec.backbone}")
+
+
+def fresh_head(spec: ModelSpec, features: nn.Module, *, in_channels: int, num_classes: int, seed: int) -> nn.Module:
+    """A newly initialised (seeded) head for already built features: no backbone reload."""
+    torch.manual_seed(seed)
+    if isinstance(features, FrozenViTFeatures):
+        return build_head(decoder=spec.decoder, embed_dim=int(features.backbone.embed_dim), num_classes=num_classes)
+    return build_segmenter(kind=spec.kind, num_classes=num_classes, in_channels=in_channels)[1]
+
+
+def input_normalisation(meta: dict, train_images: Tensor) -> tuple[list[float], list[float]]:
+    """The export's mean/std when it has one per band, else per-band statistics of the training tiles."""
+    channels = train_images.shape[1]
+    if meta and len(meta.get("mean", [])) == channels:
+        return [float(v) for v in meta["mean"]], [float(v) for v in meta["std"]]
+    flat = train_images.transpose(0, 1).reshape(channels, -1)
+    return flat.mean(1).tolist(), flat.std(1).clamp_min(1e-3).tolist()
+
+
+def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    return (images - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+
+@torch.no_grad()
+def cached_features(features: nn.Module, images: Tensor, *, batch_size: int = 32) -> list[Tensor]:
+    """Frozen features of every image, computed once: a list of (N, ...) tensors."""
+    features.eval()
+    chunks = [features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return [torch.cat([chunk[level] for chunk in chunks]) for level in range(len(chunks[0]))]
+
+
+def train_head(head: nn.Module, feats: Sequence[Tensor], labels: Tensor, *, ignore_index: int, iterations: int = 200,
+               lr: float = 1e-3, batch_size: int = 8, seed: int = 0, progress: bool = False) -> nn.Module:
+    """AdamW (wd 1e-4) with a cosine schedule on random batches of the cached features."""
+    if not (labels != ignore_index).any():
+        raise ConfigError("the training tiles hold no labelled pixels")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(iterations, 1))
+    size = tuple(labels.shape[-2:])
+    head.train()
+    steps = range(iterations)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="train head", leave=False)
+    for _ in steps:
+        index = torch.randint(len(labels), (batch_size,), generator=generator)  # with replacement: n may be < batch
+        logits = head([f[index] for f in feats], size)
+        loss = F.cross_entropy(logits, labels[index], ignore_index=ignore_index)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return head.eval()
+
+
+@torch.no_grad()
+def evaluate_head(head: nn.Module, feats: Sequence[Tensor], labels: Tensor, *, num_classes: int, ignore_index: int,
+                  class_names: Sequence[str], batch_size: int = 32) -> dict[str, Any]:
+    """Metrics from one confusion matrix accumulated over all tiles of the split."""
+    head.eval()
+    matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    size = tuple(labels.shape[-2:])
+    for i in range(0, len(labels), batch_size):
+        prediction = head([f[i:i + batch_size] for f in feats], size).argmax(1)
+        matrix += confusion_matrix(prediction, labels[i:i + batch_size], num_classes=num_classes, ignore_index=ignore_index)
+    return {**segmentation_metrics(matrix, class_names=class_names), "confusion_matrix": matrix.tolist()}
+
+
+# ---------------------------------------------------------------------------------- one run
+def run_segmentation(spec: ModelSpec, data: SegData, *, out_dir: Path | None, lrs: Sequence[float] = (1e-3,),
+                     iterations: int = 200, batch_size: int = 8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Train one head per learning rate, keep the best on val mIoU, report test metrics; saves the run."""
+    features, _, meta = build_model(spec, data_channels=data.in_channels, num_classes=data.num_classes, seed=seed)
+    check_tile(features, data, spec)
+    mean, std = input_normalisation(meta, data.images["train"])
+    feats = {s: cached_features(features, normalise(data.images[s], mean, std)) for s in SPLITS}
+    common = dict(num_classes=data.num_classes, ignore_index=data.ignore_index, class_names=data.class_names)
+    best: tuple[float, float, nn.Module, dict] | None = None
+    sweep = {}
+    for lr in lrs:
+        head = fresh_head(spec, features, in_channels=data.in_channels, num_classes=data.num_classes, seed=seed)
+        train_head(head, feats["train"], data.labels["train"], ignore_index=data.ignore_index, iterations=iterations,
+                   lr=lr, batch_size=batch_size, seed=seed, progress=progress)
+        val = evaluate_head(head, feats["val"], data.labels["val"], **common)
+        sweep[str(lr)] = val["miou"]
+        if best is None or val["miou"] > best[0]:
+            best = (val["miou"], lr, head, val)
+    assert best is not None
+    _, lr, head, val = best
+    test = evaluate_head(head, feats["test"], data.labels["test"], **common)
+    result = {"task": "seg", "model": asdict(spec), "data": data.data, "tile_px": data.tile, "classes": data.class_names,
+              "n_tiles": {s: len(data.labels[s]) for s in SPLITS}, "lr_sweep_val_miou": sweep, "lr": lr,
+              "iterations": iterations, "seed": seed, "val": val, "test": test,
+              "trainable_parameters": sum(p.numel() for p in head.parameters())}
+    if out_dir is not None:
+        save_run(out_dir, spec=spec, data=data, head=head, mean=mean, std=std, metrics=result)
+        result["run_dir"] = str(out_dir)
+    return result
+
+
+def save_run(out_dir: Path, *, spec: ModelSpec, data: SegData, head: nn.Module, mean: Sequence[float],
+             std: Sequence[float], metrics: dict) -> None:
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"model": {**asdict(spec), "backbone": str(Path(spec.backbone).resolve()) if spec.backbone else None},
+              "tile": data.tile, "bands": data.bands, "class_values": data.class_values, "class_names": data.class_names,
+              "ignore_index": data.ignore_index, "seed": int(metrics.get("seed", 0)), "mean": list(mean), "std": list(std), "in_channels": data.in_channels}
+    with atomic_output(out_dir / HEAD_FILE, suffix=".safetensors") as tmp:
+        save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(tmp))
+    atomic_write_text(out_dir / RUN_FILE, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+
+
+def load_run(run_dir: Path) -> tuple[nn.Module, nn.Module, dict]:
+    """(features, head, record) of a saved segmentation run."""
+    from safetensors.torch import load_file
+
+    record_path = Path(run_dir) / RUN_FILE
+    if not record_path.is_file():
+        raise ConfigError(f"--checkpoint {run_dir}: no {RUN_FILE} (is it an `eval seg --out-dir` run?)")
+    record = json.loads(record_path.read_text())
+    model = record["model"]
+    spec = ModelSpec(name=model["name"], kind=model["kind"], backbone=model["backbone"], decoder=model["decoder"])
+    features, head, _ = build_model(spec, data_channels=int(record["in_channels"]), num_classes=len(record["class_values"]),
+                                   seed=int(record.get("seed", 0)))
+    head.load_state_dict(load_file(str(Path(run_dir) / HEAD_FILE)))
+    return features.eval(), head.eval(), record
