@@ -21,6 +21,9 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     cfg = load_config(args.config_file, args.overrides)  # validate before launching anything
     if args.launcher != "none":
+        from .train.validate import validate_train_config
+
+        validate_train_config(cfg)
         from launch.dispatch import launch_command
         from launch.options import options_from_args
 
