@@ -101,8 +101,9 @@ def train(
                         wrap_model=wrap_model, stop=stop)
         clean = True
         return result
-    except TrainingStopped:
+    except TrainingStopped as stopped:
         clean = True  # every rank agreed on the stop at the same iteration: they can meet at the barrier
+        logger.warning("%s", stopped)
         raise
     finally:
         stop.restore()
