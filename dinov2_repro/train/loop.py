@@ -166,7 +166,7 @@ def _train(
     log_period = max(int(cfg.train.log_period_iterations), 1)
     images_per_step = cfg.train.batch_size_per_gpu * env.world_size
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=env.rank == 0, tensorboard=cfg.train.tensorboard,
-                            resume_iteration=start_iteration if checkpoint is not None else None)
+                            resume_iteration=start_iteration)  # 0 without a checkpoint: old rows are stale
     last_logged: dict[str, float] = {}
     model.train()
     started = time.perf_counter()

@@ -131,10 +131,12 @@ def first_readable_sample(dataset_path: str) -> tuple[Any, int]:
     for index in range(min(len(dataset), MAX_PROBED_SAMPLES)):
         try:
             image, _ = dataset[index]
-            return image, index
         except Exception as error:  # any decode error: try the next one, like the loader does
             last_error = f"{describe(index)}: {type(error).__name__}: {error}"
-            logger.warning("validation: unreadable sample %s", last_error)
+            continue
+        if last_error is not None:  # one line, not one per file: the loader logs each skip when it meets it
+            logger.warning("validation: %d unreadable sample(s) before the first readable one (last: %s)", index, last_error)
+        return image, index
     raise ConfigError(f"train.dataset_path={dataset_path!r}: none of the first {min(len(dataset), MAX_PROBED_SAMPLES)} "
                       f"samples is readable (last: {last_error})")
 
