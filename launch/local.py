@@ -107,11 +107,19 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def _stop_all(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
-    """SIGTERM every still-running rank, SIGKILL whatever is left after ``grace_s``."""
+def _stop_all(procs: Sequence[subprocess.Popen], grace_s: float, *, sig: int = signal.SIGTERM,
+              whole_group: bool = True) -> None:
+    """Send ``sig`` to every still-running rank (its whole process group, or the rank process
+    only), SIGKILL the groups of whatever is left after ``grace_s``."""
     running = [p for p in procs if p.poll() is None]
     for proc in running:
-        _signal_group(proc, signal.SIGTERM)
+        if whole_group:
+            _signal_group(proc, sig)
+        else:
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
     deadline = time.monotonic() + grace_s
     for proc in running:
         try:
@@ -195,19 +203,7 @@ def _stop_on_signal(procs: Sequence[subprocess.Popen], signum: int, grace_s: flo
     with lock:
         print(f"run_local: received {name}; forwarding it to {sum(p.poll() is None for p in procs)} rank(s)",
               file=sys.stderr, flush=True)
-    for proc in procs:
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signum)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + grace_s
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait()
+    _stop_all(procs, grace_s, sig=signum, whole_group=False)
     # Whatever survived in a rank's group (a worker that outlived its rank) goes too.
     for proc in procs:
         _signal_group(proc, signal.SIGKILL)
