@@ -332,3 +332,20 @@ def test_curation_tile_killed_at_a_random_point_reruns_identically(tmp_path):
         return [{k: v for k, v in row.items() if k != "path"} for row in rows]  # paths are relative to each run
 
     assert manifest(killed) == manifest(tmp_path / "reference")
+
+
+@pytest.mark.timeout(60)
+def test_eval_knn_names_a_band_mismatch(tmp_path):
+    from dinov2_repro.eval.cli import main as eval_main
+    from dinov2_repro.export import save_backbone
+    from dinov2_repro.train.meta_arch import build_backbone
+
+    cfg = load_config(RECIPE, [*MICRO, "student.in_chans=4", "crops.mean=[0.5,0.5,0.5,0.5]", "crops.std=[0.2,0.2,0.2,0.2]"])
+    path = tmp_path / "four_band.safetensors"
+    save_backbone(build_backbone(cfg.student, img_size=28, drop_path_rate=0.0), path, arch=cfg.student.arch,
+                  mean=tuple(cfg.crops.mean), std=tuple(cfg.crops.std))
+    for label in ("a", "b"):
+        _write_images(tmp_path / "rgb" / label, 2)
+    spec = f"ImageFolder:root={tmp_path / 'rgb'}:labels=subdirs"
+    with pytest.raises(ConfigError, match="has 3 band.s. but the backbone expects 4"):
+        eval_main(["knn", "--backbone", str(path), "--train", spec, "--val", spec, "--k", "1"])
