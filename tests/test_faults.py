@@ -349,3 +349,18 @@ def test_eval_knn_names_a_band_mismatch(tmp_path):
     spec = f"ImageFolder:root={tmp_path / 'rgb'}:labels=subdirs"
     with pytest.raises(ConfigError, match="has 3 band.s. but the backbone expects 4"):
         eval_main(["knn", "--backbone", str(path), "--train", spec, "--val", spec, "--k", "1"])
+
+
+def test_stop_request_records_the_first_signal_and_yields_to_a_second():
+    from dinov2_repro.distributed.signals import StopRequest
+
+    stop = StopRequest().install()
+    try:
+        assert stop.agreed() is None
+        signal.raise_signal(signal.SIGINT)
+        assert stop.agreed() == signal.SIGINT  # recorded, not raised
+        with pytest.raises(KeyboardInterrupt):  # the second one reaches Python's own handler
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -75,9 +75,15 @@ class StopRequest:
         return self
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is None:
-            self.signum = signum
-            logger.warning("received %s: stopping after this iteration (checkpoint first)", signal.Signals(signum).name)
+        if self.signum is not None:
+            # A second signal means "now": the previous handlers come back and get this one.
+            logger.warning("received %s again: stopping at once, without a checkpoint", signal.Signals(signum).name)
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        logger.warning("received %s: stopping after this iteration (checkpoint first; send it again to stop at once)",
+                       signal.Signals(signum).name)
 
     def agreed(self) -> int | None:
         """The stop signal if any rank got one (collective when a process group exists), else None."""
