@@ -87,6 +87,8 @@ class StopRequest:
 
     def agreed(self) -> int | None:
         """The stop signal if any rank got one (collective when a process group exists), else None."""
+        if not self._previous:
+            return None  # nothing installed (e.g. under submitit): same answer on every rank, no collective
         local = self.signum or 0
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             flag = torch.tensor([local], dtype=torch.int64)
