@@ -83,7 +83,7 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("extra, named", BAD_CONFIGS, ids=[c[1].split("=")[0] for c in BAD_CONFIGS])
+@pytest.mark.parametrize("extra, named", BAD_CONFIGS, ids=[c[0][0].split("=")[0] for c in BAD_CONFIGS])
 def test_bad_config_fails_in_one_line_before_any_work(images, tmp_path, monkeypatch, extra, named):
     def no_work(*args, **kwargs):
         raise AssertionError("training started despite an invalid config")
