@@ -5,6 +5,11 @@ every embedding row to its manifest row. Shards are written atomically and skipp
 a killed run recomputes only the missing ones, and gives the same bytes as an uninterrupted run
 (batches never straddle shards). Several processes split the shards (rank r takes shards
 r, r + world, ...); they are spawned, never forked, because faiss/torch OpenMP state does not survive fork.
+
+Unreadable images (corrupt, truncated, GDAL read errors) are skipped, not fatal: each is logged
+with its path, gets an all-zero descriptor (its row keeps its place, so row i is still manifest
+row i; a zero vector is nobody's duplicate), and is listed in ``shard_*.skipped.json`` and then in
+``index.json`` under ``skipped``. Dedup drops those rows. Every image unreadable is an error.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dinov2_repro.device import resolve_device
 
@@ -44,6 +49,36 @@ def shard_file(out_dir: Path, shard: int) -> Path:
     return out_dir / f"shard_{shard:05d}.npy"
 
 
+def skipped_file(out_dir: Path, shard: int) -> Path:
+    return out_dir / f"shard_{shard:05d}.skipped.json"
+
+
+class SkippingImages(Dataset):
+    """``ManifestImages`` that turns an unreadable row into (index, zeros, "path: error") instead of raising."""
+
+    def __init__(self, images: ManifestImages) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
+        try:
+            row_index, image = self.images[index]
+            return row_index, image, ""
+        except Exception as error:  # any decode/IO failure of one file must not stop the stage
+            path = self.images.rows[index].get("path")
+            log.warning("embed: skipping unreadable image %s (row %d): %s: %s", path, index, type(error).__name__, error)
+            blank = torch.zeros(self.images.channels, self.images.img_size, self.images.img_size)
+            return index, blank, f"{type(error).__name__}: {error}"
+
+
+def unreadable_rows(out_dir: str | Path) -> list[int]:
+    """Manifest rows the embed stage in ``out_dir`` could not read (from its index.json)."""
+    return [int(item["row"]) for item in read_json(Path(out_dir) / "index.json").get("skipped", [])]
+
+
+
 def _job_spec(job: dict) -> dict:
     keys = ("manifest", "manifest_digest", "embedder", "checkpoint", "img_size", "bands", "dihedral_pool", "shard_size", "seed")
     return {k: job[k] for k in keys}
@@ -57,8 +92,8 @@ def embed_shards(job: dict, *, rank: int = 0, world_size: int = 1) -> list[int]:
     device = resolve_device(job.get("device", "cpu"), key="device")
     spec = build_embedder(job["embedder"], img_size=job["img_size"], checkpoint=job.get("checkpoint"), seed=job["seed"])
     module = spec.module.to(device).eval()
-    dataset = ManifestImages(rows=rows, manifest_dir=Path(job["manifest"]).parent, img_size=spec.img_size,
-                             bands=job.get("bands"), channels=spec.in_chans)
+    dataset = SkippingImages(ManifestImages(rows=rows, manifest_dir=Path(job["manifest"]).parent,
+                                            img_size=spec.img_size, bands=job.get("bands"), channels=spec.in_chans))
     delay = float(os.environ.get(SHARD_DELAY_ENV, "0") or 0)
     todo = [(i, r) for i, r in enumerate(shard_ranges(len(rows), job["shard_size"]))
             if i % world_size == rank and not shard_file(out_dir, i).is_file()]
@@ -72,13 +107,24 @@ def embed_shards(job: dict, *, rank: int = 0, world_size: int = 1) -> list[int]:
     for shard, (start, stop) in todo:
         loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=job["batch_size"], shuffle=False,
                             num_workers=workers, multiprocessing_context="spawn" if workers else None)
-        parts = []
-        for _, images in loader:
+        parts, skipped = [], []
+        for indexes, images, errors in loader:
             images = images.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                parts.append(embed_batch(module, images, dihedral_pool=job["dihedral_pool"]).cpu())
+                embedded = embed_batch(module, images, dihedral_pool=job["dihedral_pool"]).cpu()
+            bad = [i for i, error in enumerate(errors) if error]
+            if bad:
+                embedded[bad] = 0.0
+                skipped.extend({"row": int(indexes[i]), "path": rows[int(indexes[i])].get("path"), "error": errors[i]}
+                               for i in bad)
+            parts.append(embedded)
             if progress:
                 progress.update(images.shape[0])
+        # The skip list first: a shard whose .npy exists is done, so its list must already be there.
+        if skipped:
+            atomic_write_json(skipped_file(out_dir, shard), skipped)
+        else:
+            skipped_file(out_dir, shard).unlink(missing_ok=True)
         atomic_save_npy(shard_file(out_dir, shard), torch.cat(parts).numpy().astype(np.float16))
         done.append(shard)
         if delay:
@@ -128,19 +174,29 @@ def run_embed(job: dict, *, num_procs: int = 1) -> Path:
 
 def write_index(out_dir: Path, job: dict) -> Path:
     num_rows = len(read_manifest(job["manifest"]))
-    shards, dim = [], None
+    shards, dim, skipped = [], None, []
     for shard, (start, stop) in enumerate(shard_ranges(num_rows, job["shard_size"])):
         path = shard_file(out_dir, shard)
         if not path.is_file():
             raise RuntimeError(f"embed: shard {path} is missing; rerun embed to finish")
+        if skipped_file(out_dir, shard).is_file():
+            skipped.extend(read_json(skipped_file(out_dir, shard)))
         array = np.load(path, mmap_mode="r")
         if array.shape[0] != stop - start:
             raise RuntimeError(f"embed: {path} holds {array.shape[0]} rows, expected {stop - start}")
         dim = array.shape[1]
         shards.append({"file": path.name, "start": start, "stop": stop})
+    if num_rows and len(skipped) == num_rows:
+        first = skipped[0]
+        raise ValueError(f"embed: all {num_rows} images of {job['manifest']} are unreadable "
+                         f"(first: {first['path']}: {first['error']}); check the files")
+    if skipped:
+        log.warning("embed: skipped %d unreadable image(s) of %d (listed in %s under 'skipped')", len(skipped),
+                    num_rows, out_dir / "index.json")
     index = {"manifest": job["manifest"], "manifest_digest": job["manifest_digest"], "num_rows": num_rows,
              "dim": dim, "dtype": "float16", "shards": shards, "embedder": job["embedder"],
-             "dihedral_pool": job["dihedral_pool"], "img_size": job["img_size"]}
+             "dihedral_pool": job["dihedral_pool"], "img_size": job["img_size"],
+             "num_skipped": len(skipped), "skipped": skipped}
     return atomic_write_json(out_dir / "index.json", index)
 
 

@@ -213,7 +213,11 @@ def stage_dedup(cfg: DictConfig) -> Path:
         for r in np.flatnonzero(mask & ~touched):
             touched_by[int(r)] = f"reference_{i}"
         touched |= mask
-    keep = geo_keep & self_keep & ~touched
+    from .embed import unreadable_rows
+
+    unreadable = np.zeros(n, bool)
+    unreadable[unreadable_rows(out(cfg, "embeddings", "pool"))] = True  # the embed stage could not read them
+    keep = geo_keep & self_keep & ~touched & ~unreadable
     comp_sizes = np.bincount(labels, minlength=n)
     reasons, removed = {}, {}
     for r in range(n):
@@ -221,6 +225,8 @@ def stage_dedup(cfg: DictConfig) -> Path:
             size = int(comp_sizes[labels[r]])
             reasons[r] = (f"unique: no kNN neighbour with cosine > {cfg.dedup.threshold}" if size == 1 else
                           f"kept for a duplicate component of {size} (policy {cfg.dedup.keep_policy})")
+        elif unreadable[r]:
+            removed[r] = "unreadable"
         elif not geo_keep[r]:
             removed[r] = "geo"
         elif not self_keep[r]:
@@ -232,6 +238,7 @@ def stage_dedup(cfg: DictConfig) -> Path:
                     edge_src=src, edge_dst=dst, edge_sim=sims, top1=_top1(scores, ids))
     summary = {"pool": n, "kept": int(keep.sum()), "removed_geo": int((~geo_keep).sum()),
                "removed_self": int((geo_keep & ~self_keep).sum()), "removed_relative": int((geo_keep & self_keep & touched).sum()),
+               "removed_unreadable": int(unreadable.sum()),
                "threshold": cfg.dedup.threshold, "relative_threshold": cfg.dedup.relative_threshold, "geo_iou": cfg.dedup.geo_iou,
                "keep_policy": cfg.dedup.keep_policy, "k": cfg.dedup.k}
     return write_selected(out(cfg, "dedup", "selected.json"), "dedup", np.flatnonzero(keep), reasons, summary)

@@ -2,6 +2,11 @@
 
 One shard per scene (``pool/tiles/<scene_id>.jsonl``) is written atomically and skipped when it
 exists, so a killed run resumes scene by scene; the pool manifest is their concatenation.
+
+An unreadable scene (GDAL cannot open or read it, e.g. truncated) or folder image (PIL cannot
+identify it) is skipped: logged with its path, listed in ``tile_stats.json`` (``skipped`` and
+``error``), and retried by the next run (no shard is written for it). Nothing readable at all is
+an error naming the first bad file.
 """
 from __future__ import annotations
 
@@ -88,8 +93,21 @@ def tile_scene(
     return rows, {"scene": str(scene), "tiles": len(rows), "dropped_invalid": dropped}
 
 
-def image_rows(folder: str | Path, manifest_dir: str | Path) -> list[dict]:
-    """Whole images of a folder (sorted, recursive) as manifest rows with their size."""
+def _unreadable_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "this file cannot be read" (not "the config is wrong")."""
+    errors: tuple[type[BaseException], ...] = (OSError, SyntaxError)  # PIL raises SyntaxError for some broken headers
+    try:
+        from rasterio.errors import RasterioError
+
+        errors += (RasterioError,)
+    except ImportError:
+        pass
+    return errors
+
+
+def image_rows(folder: str | Path, manifest_dir: str | Path, skipped: list[dict] | None = None) -> list[dict]:
+    """Whole images of a folder (sorted, recursive) as manifest rows with their size. Unreadable
+    ones are logged and appended to ``skipped`` ({"image", "error"}) instead of raising."""
     from PIL import Image
 
     folder = Path(folder)
@@ -97,8 +115,14 @@ def image_rows(folder: str | Path, manifest_dir: str | Path) -> list[dict]:
         raise FileNotFoundError(f"pool.folders: {folder} is not a directory")
     rows = []
     for path in sorted(p for p in folder.rglob("*") if is_image_file(p)):
-        with Image.open(path) as image:
-            width, height = image.size
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except _unreadable_errors() as error:
+            log.warning("tile: skipping unreadable image %s: %s: %s", path, type(error).__name__, error)
+            if skipped is not None:
+                skipped.append({"image": str(path), "skipped": True, "error": f"{type(error).__name__}: {error}"})
+            continue
         rows.append({
             "path": portable_path(path, manifest_dir), "width": width, "height": height,
             "provenance": {"stage": "tile", "reason": f"image file in {folder}"},
@@ -136,15 +160,28 @@ def run_tile(*, scenes: Sequence[str], folders: Sequence[str], size: int, stride
             scene_rows = read_manifest(shard)
             stats.append({"scene": str(scene), "tiles": len(scene_rows), "resumed": True})
         else:
-            scene_rows, scene_stats = tile_scene(scene, size=size, stride=stride, bands=scene_bands,
-                                                 max_invalid_fraction=max_invalid_fraction, nodata=nodata,
-                                                 manifest_dir=pool_dir)
+            try:
+                scene_rows, scene_stats = tile_scene(scene, size=size, stride=stride, bands=scene_bands,
+                                                     max_invalid_fraction=max_invalid_fraction, nodata=nodata,
+                                                     manifest_dir=pool_dir)
+            except FileNotFoundError:
+                raise  # a scene named in the config that does not exist is a config mistake
+            except _unreadable_errors() as error:
+                # GDAL's own message often lacks the file name: this line carries it.
+                log.warning("tile: skipping unreadable scene %s: %s: %s", scene, type(error).__name__, error)
+                stats.append({"scene": str(scene), "tiles": 0, "skipped": True, "error": f"{type(error).__name__}: {error}"})
+                continue
             write_manifest(shard, scene_rows)
             stats.append(scene_stats)
         rows.extend(scene_rows)
     for folder in folders:
-        rows.extend(image_rows(folder, pool_dir))
+        rows.extend(image_rows(folder, pool_dir, skipped=stats))
+    skipped = [s for s in stats if s.get("skipped")]
     if not rows:
-        raise ValueError("tile: the pool is empty (no valid tiles in tile.scenes and no images in pool.folders)")
+        cause = (f"all {len(skipped)} input file(s) are unreadable (first: {skipped[0].get('scene') or skipped[0].get('image')}: "
+                 f"{skipped[0]['error']})" if skipped else "no valid tiles in tile.scenes and no images in pool.folders")
+        raise ValueError(f"tile: the pool is empty: {cause}")
+    if skipped:
+        log.warning("tile: skipped %d unreadable file(s), listed in %s", len(skipped), pool_dir / "tile_stats.json")
     atomic_write_json(pool_dir / "tile_stats.json", stats)
     return write_manifest(pool_dir / "manifest.jsonl", rows)

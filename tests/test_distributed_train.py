@@ -68,7 +68,13 @@ def _step(model, batch):
 
 
 def _worker(rank: int, init_file: str, centering: str, out: str) -> None:
+    import warnings
+
+    from dinov2_repro.distributed import shutdown_distributed
     from dinov2_repro.distributed.fsdp import shard_meta_arch
+
+    # An FSDP2 module returning a view would silently skip the all-gather on an in-place op.
+    warnings.filterwarnings("error", message=".*returned a view tensor")
     from dinov2_repro.train.meta_arch import SSLMetaArch
 
     torch.set_num_threads(1)
@@ -81,7 +87,7 @@ def _worker(rank: int, init_file: str, centering: str, out: str) -> None:
     dist.all_reduce(total)
     if rank == 0:
         torch.save({"loss": total / 2, "grads": grads}, out)
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 @pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])

@@ -272,7 +272,9 @@ def _dist_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> No
         results["center"] = centering.center
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        from dinov2_repro.distributed import shutdown_distributed
+
+        shutdown_distributed()  # barrier, then destroy: no peer tears down a connection still in use
 
 
 @pytest.mark.slow

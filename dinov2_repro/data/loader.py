@@ -11,15 +11,18 @@ Resume: ``start_sample`` = samples this rank already consumed = iteration * batc
 """
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import random
 import signal
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..distributed.signals import set_parent_death_signal
 from .samplers import InfiniteSampler, mix_seed
 
 logger = logging.getLogger("dinov2_repro.data")
@@ -85,7 +88,7 @@ class SeededTransformDataset(Dataset):
         return {"crops": crops, "label": label, "index": used_index, "seed": seed, "n_skipped": n_skipped}
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(_: int, *, trainer_pid: int | None = None) -> None:
     # Each worker is one process per core's worth of work; intra-op threads would oversubscribe.
     torch.set_num_threads(1)
     # Slurm signals every process of a step on preemption; only the trainer (submitit's handler)
@@ -93,6 +96,20 @@ def _worker_init(_: int) -> None:
     for name in ("SIGUSR2", "SIGTERM"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+    # Ignoring SIGTERM must not make a worker immortal: it dies with the trainer, however the
+    # trainer died (SIGKILL included).
+    set_parent_death_signal(signal.SIGKILL, expected_parent=trainer_pid)
+
+
+def close_loader_iterator(iterator: Iterator[Any] | None) -> None:
+    """Stop a DataLoader iterator's worker processes now (a no-op for num_workers=0 or other iterators).
+
+    Called when a run ends, normally or not: left to garbage collection, persistent workers of
+    a failed run kept the interpreter waiting at exit forever.
+    """
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def make_data_loader(
@@ -127,7 +144,7 @@ def make_data_loader(
     extra: dict[str, Any] = {}
     if num_workers > 0:
         extra["persistent_workers"] = True if persistent_workers is None else persistent_workers
-        extra["worker_init_fn"] = _worker_init
+        extra["worker_init_fn"] = functools.partial(_worker_init, trainer_pid=os.getpid())
         if prefetch_factor is not None:
             extra["prefetch_factor"] = prefetch_factor
     return DataLoader(

@@ -209,9 +209,29 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = DEFAULT_T
     return env
 
 
-def shutdown_distributed() -> None:
-    """Leave the process group (if any) and forget the cached layout."""
+SHUTDOWN_BARRIER_TIMEOUT_S = 60.0
+
+
+def shutdown_distributed(*, clean: bool = True, barrier_timeout_s: float = SHUTDOWN_BARRIER_TIMEOUT_S) -> None:
+    """Leave the process group (if any) and forget the cached layout. The one shutdown path of
+    training, tests and launchers.
+
+    ``clean=True`` (every rank got here normally): wait for all ranks first, then destroy. Without
+    the barrier a fast rank tears down its gloo connections while a peer is still using them,
+    and the peer dies with SIGABRT ("terminate called without an active exception").
+    ``clean=False`` (this rank is failing): no barrier, since the peers may never arrive; the group
+    is destroyed and the launcher stops the other ranks.
+    """
     if dist.is_available() and dist.is_initialized():
+        if clean and dist.get_world_size() > 1:
+            try:
+                if dist.get_backend() == "gloo":
+                    # monitored_barrier names the rank that did not arrive instead of hanging silently.
+                    dist.monitored_barrier(timeout=datetime.timedelta(seconds=barrier_timeout_s))
+                else:
+                    barrier()
+            except Exception as error:  # a peer died: still leave the group, report why
+                logger.warning("shutdown barrier failed (%s); destroying the process group anyway", error)
         dist.destroy_process_group()
     _STATE.clear()
 

@@ -32,6 +32,11 @@ def _dataset_tensors(spec: str, *, size: int, mean: Sequence[float], std: Sequen
         images.append(F.interpolate(image[None].float(), size=(size, size), mode="bicubic", align_corners=False)[0])
         labels.append(int(label))
     x = torch.stack(images)
+    if x.shape[1] != len(mean):
+        from ..config import ConfigError
+
+        raise ConfigError(f"dataset {spec!r} has {x.shape[1]} band(s) but the backbone expects {len(mean)} "
+                          f"(its export's mean/std); evaluate on data with the bands it was trained on")
     x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
     return x, torch.tensor(labels)
 

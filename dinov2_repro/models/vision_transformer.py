@@ -166,13 +166,16 @@ class DinoVisionTransformer(nn.Module):
         return [part.reshape(count, length, -1) for part, (count, length) in zip(torch.split(x, sizes), groups)]
 
     def _features(self, prenorm: Tensor, masks: Tensor | None) -> FeatureDict:
-        normed = self.norm(prenorm)
+        # Every tensor leaving the backbone is its own storage, not a view: under FSDP2 an
+        # in-place op on a returned view would drop the pre-backward hook (no all-gather, wrong
+        # gradients). The norm is per token, so normalising each slice gives fresh outputs at no
+        # extra memory; the packed pre-norm tokens are a view of the blocks' output and are copied.
         r = self.num_register_tokens
         return {
-            "x_norm_clstoken": normed[:, 0],
-            "x_norm_regtokens": normed[:, 1 : r + 1],
-            "x_norm_patchtokens": normed[:, r + 1 :],
-            "x_prenorm": prenorm,
+            "x_norm_clstoken": self.norm(prenorm[:, 0]),
+            "x_norm_regtokens": self.norm(prenorm[:, 1 : r + 1]),
+            "x_norm_patchtokens": self.norm(prenorm[:, r + 1 :]),
+            "x_prenorm": prenorm if prenorm._base is None else prenorm.clone(),
             "masks": masks,
         }
 

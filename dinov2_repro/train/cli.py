@@ -29,6 +29,9 @@ def run_train(args: argparse.Namespace) -> int:
         child = ["train", *(["--config-file", str(config_file)] if config_file else []), *args.overrides]
         return print_dry_run(cfg, child, args)
     if args.launcher != "none":
+        from .validate import validate_train_config
+
+        validate_train_config(cfg)  # fail here, not in every rank
         from dinov2_repro.launch.dispatch import launch_command
         from dinov2_repro.launch.options import options_from_args
 

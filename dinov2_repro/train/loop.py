@@ -18,8 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..config import save_config
+from ..data.loader import close_loader_iterator
 from ..device import dtype_from_name, resolve_device  # noqa: F401  (resolve_device: importable from here too)
-from ..distributed import DistributedEnv, detect_env, init_distributed, setup_rank_logging
+from ..distributed import DistributedEnv, detect_env, init_distributed, setup_rank_logging, shutdown_distributed
+from ..distributed.signals import StopRequest, TrainingStopped
 from .checkpoint import last_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .metrics import MetricsWriter, format_eta
 from .optim import apply_schedule, build_optimizer
@@ -62,7 +64,44 @@ def train(
     """Run (or resume) a training run in ``cfg.train.output_dir``; returns the last logged metrics.
 
     ``build_data(cfg, start_iteration, env)`` returns an iterator of batches that continues the
-    stream exactly from ``start_iteration``."""
+    stream exactly from ``start_iteration``.
+
+    However the run ends (done, an exception, a NaN stop, SIGTERM/SIGINT), its DataLoader workers
+    are stopped and the process group is left (after a barrier only when every rank got here
+    normally), so the process exits at once instead of hanging on workers or peers."""
+    opened: list[Iterator[dict[str, Any]]] = []
+
+    def tracked_build_data(cfg: DictConfig, start_iteration: int, env: DistributedEnv) -> Iterator[dict[str, Any]]:
+        opened.append(build_data(cfg, start_iteration, env))
+        return opened[-1]
+
+    stop = StopRequest().install()
+    clean = False
+    try:
+        result = _train(cfg, build_meta_arch=build_meta_arch, build_data=tracked_build_data, export=export,
+                        wrap_model=wrap_model, stop=stop)
+        clean = True
+        return result
+    except TrainingStopped as stopped:
+        clean = True  # every rank agreed on the stop at the same iteration: they can meet at the barrier
+        logger.warning("%s", stopped)
+        raise
+    finally:
+        stop.restore()
+        for data in opened:
+            close_loader_iterator(data)
+        shutdown_distributed(clean=clean)
+
+
+def _train(
+    cfg: DictConfig,
+    *,
+    build_meta_arch: Callable[[DictConfig], nn.Module],
+    build_data: Callable[[DictConfig, int, DistributedEnv], Iterator[dict[str, Any]]],
+    export: Callable[[nn.Module, Path, DictConfig, DistributedEnv], Any] | None,
+    wrap_model: Callable[[nn.Module, DictConfig, DistributedEnv], nn.Module] | None,
+    stop: StopRequest,
+) -> dict[str, float]:
     # Under a launcher (torchrun variables or Slurm) join a process group even at world size 1,
     # so the sharded code path is the one that runs.
     env = init_distributed(force_process_group=detect_env().source != "single")
@@ -107,7 +146,8 @@ def train(
     eval_period = int(cfg.evaluation.eval_period_iterations)
     log_period = max(int(cfg.train.log_period_iterations), 1)
     images_per_step = cfg.train.batch_size_per_gpu * env.world_size
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=env.rank == 0, tensorboard=cfg.train.tensorboard)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=env.rank == 0, tensorboard=cfg.train.tensorboard,
+                            resume_iteration=start_iteration)  # 0 without a checkpoint: old rows are stale
     last_logged: dict[str, float] = {}
     model.train()
     started = time.perf_counter()
@@ -156,6 +196,12 @@ def train(
                         rate * images_per_step, format_eta((total - done) / rate))
         if done % ckpt_period == 0 or done == total:
             save(done)
+        signum = stop.agreed()
+        if signum is not None and done < total:
+            if done % ckpt_period:
+                save(done)
+            metrics.close()
+            raise TrainingStopped(signum, done)
         if export is not None and (done == total or (eval_period and done % eval_period == 0)):
             export(model.export_backbone(), run_dir, cfg, env)
     metrics.close()

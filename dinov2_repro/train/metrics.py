@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..config import atomic_write_text
+
 
 def format_eta(seconds: float) -> str:
     if not math.isfinite(seconds):
@@ -16,18 +18,52 @@ def format_eta(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
+def drop_rows_after(path: str | os.PathLike, iteration: int) -> int:
+    """Remove the rows of ``path`` logged after ``iteration`` (atomically); returns how many went.
+
+    A run killed after its last checkpoint logged iterations that its resumed run logs again;
+    without this they would appear twice. A torn last line (killed mid-write) goes too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if int(row.get("iteration", 0)) > iteration:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return dropped
+
+
 class MetricsWriter:
-    def __init__(self, path: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True) -> None:
+    """``resume_iteration``: the run resumed from a checkpoint at that iteration; rows (and
+    TensorBoard events) past it, from the killed run, are discarded first."""
+
+    def __init__(self, path: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True,
+                 resume_iteration: int | None = None) -> None:
         self.path = Path(path)
         self.enabled = enabled
         self._tb = None
+        if enabled and resume_iteration is not None:
+            drop_rows_after(self.path, resume_iteration)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except Exception:  # tensorboard is optional
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self._tb = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
+                purge = {} if resume_iteration is None else {"purge_step": resume_iteration + 1}
+                self._tb = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"), **purge)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

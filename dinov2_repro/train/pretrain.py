@@ -91,6 +91,8 @@ def build_ssl_meta_arch(cfg: DictConfig) -> SSLMetaArch:
 
 def run_ssl_training(cfg: DictConfig) -> dict[str, float]:
     from ..distributed.fsdp import wrap_meta_arch_if_distributed
+    from .validate import validate_train_config
 
+    validate_train_config(cfg)  # before any model, process group or worker exists
     return train(cfg, build_meta_arch=build_ssl_meta_arch, build_data=build_ssl_data, export=export_teacher,
                  wrap_model=wrap_meta_arch_if_distributed)
