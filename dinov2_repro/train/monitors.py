@@ -8,11 +8,13 @@ distribution near 0 and a feature rank near 1. Values are per rank (local batch)
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
 
-__all__ = ["COLLAPSE_BATCH_ENTROPY_FRACTION", "COLLAPSE_RANK", "collapse_messages", "effective_rank", "teacher_monitors"]
+__all__ = ["COLLAPSE_BATCH_ENTROPY_FRACTION", "COLLAPSE_RANK", "collapse_messages", "effective_rank", "final_monitors",
+           "teacher_monitors"]
 
 # Below these the run has collapsed: the batch-mean teacher distribution sits on a handful of
 # prototypes (10% of log K: about 2 equally used prototypes out of 1024), or the features span ~1 direction.
@@ -67,3 +69,18 @@ def collapse_messages(record: dict[str, float], iteration: int) -> list[str]:
         messages.append(f"collapse at iteration {iteration}: teacher CLS features have effective rank {rank:.2f} "
                         f"(< {COLLAPSE_RANK}): they span about one direction")
     return messages
+
+
+def final_monitors(metrics_path: str | os.PathLike, *, last: int = 3) -> dict[str, float]:
+    """Each ``monitor/*`` value of a run's metrics.jsonl averaged over its last ``last`` logged
+    records (each is one batch: noisy alone), keyed without the ``monitor/`` prefix."""
+    from .metrics import read_metrics
+
+    records = read_metrics(metrics_path)
+    keys = sorted({k for r in records for k in r if k.startswith("monitor/")})
+    out = {}
+    for key in keys:
+        values = [float(r[key]) for r in records if r.get(key) is not None][-last:]
+        if values:
+            out[key.split("/", 1)[1]] = sum(values) / len(values)
+    return out
