@@ -200,7 +200,8 @@ def _curation_datasets(work: Path) -> dict[str, str]:
     pool = [json.loads(line) for line in pool_manifest.read_text().splitlines() if line.strip()]
     rng = np.random.default_rng(0)
     subset = [pool[i] for i in sorted(rng.choice(len(pool), size=min(len(curated), len(pool)), replace=False))]
-    random_manifest = work / "random_subset.jsonl"
+    # Next to the pool manifest: its rows' relative paths resolve against its folder.
+    random_manifest = pool_manifest.with_name("random_subset.jsonl")
     atomic_write_text(random_manifest, "".join(json.dumps(r) + "\n" for r in subset))
     return {"curated": f"Manifest:path={manifest}", "random_subset": f"Manifest:path={random_manifest}",
             "n_curated": len(curated), "n_pool": len(pool)}
