@@ -170,11 +170,12 @@ def train_and_probe(*, overrides: Sequence[str], seed: int, dataset: str, run_di
             "knn_margin": knn["margin"], **patch_probe(trained, meta, size=size), **final_monitors(run_dir / "metrics.jsonl")}
 
 
-def random_init_probes(size: int) -> dict[str, float]:
-    """The patch probe on the recipe's architecture at a seeded random init."""
+def random_init_probes(overrides: Sequence[str]) -> dict[str, float]:
+    """The patch probe on the recipe's architecture (with ``overrides``) at a seeded random init."""
     from dinov2_repro.train.meta_arch import build_backbone
 
-    cfg = load_config(RECIPE, [])
+    cfg = load_config(RECIPE, list(overrides))
+    size = int(cfg.crops.global_crops_size)
     torch.manual_seed(0)
     model = build_backbone(cfg.student, img_size=size, drop_path_rate=0.0)
     meta = {"patch_size": cfg.student.patch_size, "mean": list(cfg.crops.mean), "std": list(cfg.crops.std)}
@@ -238,13 +239,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if {"curated", "random_subset"} & set(names):
         datasets.update(_curation_datasets(work))
     output = Path(args.output or RESULTS_DIR / f"{args.mode}_cpu.json")
-    recipe = load_config(RECIPE, list(args.override))
     payload: dict[str, Any] = {
         "mode": args.mode, "recipe": str(RECIPE.relative_to(RECIPE.parents[2])), "extra_overrides": args.override,
         "seeds": args.seeds, "machine": machine_description(torch.device("cpu")),
         "note": "timings measured on a machine shared with other jobs: pessimistic",
         "baselines": {"mean_colour_knn": mean_colour_knn(),
-                      "patch_probe_random_init": random_init_probes(int(recipe.crops.global_crops_size))},
+                      "patch_probe_random_init": random_init_probes(args.override)},
         "datasets": {k: v for k, v in datasets.items() if k.startswith("n_")}, "variants": {},
     }
     for name in names:

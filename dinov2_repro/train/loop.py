@@ -139,6 +139,7 @@ def train(
     ckpt_period = int(cfg.train.checkpoint_period_iterations) or int(cfg.train.saveckp_freq) * epoch_len
     eval_period = int(cfg.evaluation.eval_period_iterations)
     log_period = max(int(cfg.train.log_period_iterations), 1)
+    warmup_iters = int(cfg.optim.warmup_epochs * epoch_len)  # collapse_messages: rank ~1 is normal before
     images_per_step = cfg.train.batch_size_per_gpu * env.world_size
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=env.rank == 0, tensorboard=cfg.train.tensorboard)
     last_logged: dict[str, float] = {}
@@ -188,7 +189,7 @@ def train(
             if rank_due:
                 last_logged["monitor/rankme"] = model.feature_rank()
             metrics.write(last_logged)
-            for message in collapse_messages(last_logged, done):
+            for message in collapse_messages(last_logged, done, check_rank=done > warmup_iters):
                 logger.warning(message)
             logger.info("it %d/%d  loss %.4f  lr %.2e  %.1f img/s  eta %s", done, total, loss_value, values["lr"],
                         rate * images_per_step, format_eta((total - done) / rate))

@@ -56,8 +56,12 @@ def effective_rank(features: Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def collapse_messages(record: dict[str, float], iteration: int) -> list[str]:
-    """One line per collapse sign found in a logged ``record`` (empty when healthy)."""
+def collapse_messages(record: dict[str, float], iteration: int, *, check_rank: bool = True) -> list[str]:
+    """One line per collapse sign found in a logged ``record`` (empty when healthy).
+
+    ``check_rank=False`` skips the rank sign: a freshly initialised ViT (LayerScale 1e-5) gives
+    nearly the same CLS feature for every image, rank ~1, until training has moved the blocks, so
+    the loop checks it only after the lr warmup."""
     messages = []
     batch_entropy = record.get("monitor/teacher_batch_entropy_rel")
     if batch_entropy is not None and batch_entropy < COLLAPSE_BATCH_ENTROPY_FRACTION:
@@ -65,7 +69,7 @@ def collapse_messages(record: dict[str, float], iteration: int) -> list[str]:
             f"collapse at iteration {iteration}: the batch-mean teacher distribution has entropy "
             f"{batch_entropy:.3f} log K (< {COLLAPSE_BATCH_ENTROPY_FRACTION}): a few prototypes take every sample")
     rank = record.get("monitor/rankme")
-    if rank is not None and rank < COLLAPSE_RANK:
+    if check_rank and rank is not None and rank < COLLAPSE_RANK:
         messages.append(f"collapse at iteration {iteration}: teacher CLS features have effective rank {rank:.2f} "
                         f"(< {COLLAPSE_RANK}): they span about one direction")
     return messages
