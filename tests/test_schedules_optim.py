@@ -69,7 +69,7 @@ def test_weight_decay_exempts_only_biases_norms_and_gammas():
     prototype layer's weight_g is decayed (it used to be exempt, unbounding the logit scale)."""
     from dinov2_repro.train.meta_arch import SSLMetaArch
 
-    cfg = load_config(CONFIG_DIR / "train" / "vit_tiny_cpu.yaml", ["ibot.separate_head=true"])
+    cfg = load_config(CONFIG_DIR / "train" / "vit_tiny_cpu.yaml", ["ibot.separate_head=true", "student.arch=vit_micro"])
     student = SSLMetaArch(cfg).student
     groups = build_param_groups(student.named_parameters(), num_layers=student.backbone.depth,
                                 layerwise_decay=0.9, patch_embed_lr_mult=0.2)
