@@ -37,7 +37,7 @@ from dinov2_repro.config import CONFIG_DIR, atomic_write_text, load_config  # no
 from dinov2_repro.data.sample_data import landcover_labels, landcover_tiles, landsat_rgb, write_demo_image_folder  # noqa: E402
 from dinov2_repro.eval.knn import images_to_tensor, knn_predict  # noqa: E402
 from dinov2_repro.eval.landcover import landcover_knn_report  # noqa: E402
-from dinov2_repro.export import load_backbone, model_kwargs_from_metadata  # noqa: E402
+from dinov2_repro.export import load_backbone  # noqa: E402
 from dinov2_repro.models import DinoVisionTransformer  # noqa: E402
 from dinov2_repro.train.monitors import final_monitors  # noqa: E402
 
