@@ -1,6 +1,7 @@
 """Evidence of learning (issue: pretraining, item 7): after the tiny CPU recipe, kNN land-cover
 accuracy of the teacher's CLS features beats the same architecture at random init by a clear
-margin, and the teacher's prototype usage has not collapsed.
+margin, and the teacher's prototype usage has not collapsed. Issue 11 item 3 sets a higher bar
+(targets that sharpen, a 0.15 kNN margin): test_item3_thresholds records it as a known gap.
 
 Data: the tiles of the shipped remote-sensing scenes and natural images (demo_image_folder).
 Held-out labels: Landsat tiles labelled by the scene's strata map, spatially disjoint from
@@ -19,6 +20,7 @@ from dinov2_repro.eval.knn_classifier import images_to_tensor
 from dinov2_repro.eval.landcover import landcover_knn_report
 from dinov2_repro.train.checkpoint import last_checkpoint, load_model_state
 from dinov2_repro.train.meta_arch import SSLMetaArch
+from dinov2_repro.train.monitors import final_monitors
 from dinov2_repro.train.pretrain import TEACHER_EXPORT, run_ssl_training
 
 # A real training run shared by the module (minutes on 2 cores): the whole file is slow.
@@ -26,6 +28,9 @@ pytestmark = pytest.mark.slow
 
 KNN_MARGIN = 0.05  # trained minus random-init top-1 accuracy, absolute (measured: 0.85 vs 0.60 after 100 iterations)
 ENTROPY_FLOOR = 0.5  # fraction of log(K): a collapsed teacher puts its mass on a few prototypes (-> 0)
+# Issue 11 item 3: per-sample teacher entropy below 60% of log K (the targets sharpen), entropy of
+# the batch-mean teacher distribution above 90% of log K (no collapse), kNN margin >= 0.15.
+ITEM3_SHARP_ENTROPY, ITEM3_DIVERSE_ENTROPY, ITEM3_KNN_MARGIN = 0.6, 0.9, 0.15
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +66,19 @@ def test_teacher_prototypes_not_collapsed(trained_run):
     floor = ENTROPY_FLOOR * math.log(cfg.dino.head_n_prototypes)
     print(f"entropy of the mean teacher distribution: {entropy:.3f} nats (floor {floor:.3f}, max {math.log(cfg.dino.head_n_prototypes):.3f})")
     assert entropy >= floor
+
+
+@pytest.mark.xfail(strict=True, reason="issue 11 item 3: the tiny recipe is not retuned yet (its teacher targets stay "
+                   "near uniform, ~0.99 log K); strict, so meeting the thresholds turns this into a failure that "
+                   "asks for the marker to go")
+def test_item3_thresholds(trained_run):
+    cfg, run_dir = trained_run
+    monitors = final_monitors(run_dir / "metrics.jsonl")
+    report = landcover_knn_report(run_dir / TEACHER_EXPORT, size=cfg.crops.global_crops_size)
+    print(json.dumps({**monitors, **report}, indent=2))
+    assert monitors["teacher_entropy_rel"] < ITEM3_SHARP_ENTROPY, monitors
+    assert monitors["teacher_batch_entropy_rel"] > ITEM3_DIVERSE_ENTROPY, monitors
+    assert report["margin"] >= ITEM3_KNN_MARGIN, report
 
 
 def test_eval_cli_on_the_trained_export(trained_run, tmp_path):

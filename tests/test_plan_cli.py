@@ -55,10 +55,10 @@ def test_plan_rejects_unknown_gpu(tmp_path, capsys, gpu, message):
 
 
 def test_train_dry_run_prints_submitit_parameters_and_plan(tmp_path, capsys, monkeypatch, one_torch_thread):
-    import dinov2_repro.launch.slurm
+    from dinov2_repro.launch import slurm as slurm_launcher
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(launch.slurm, "submit_slurm", lambda *a, **k: pytest.fail("dry run submitted a job"))
+    monkeypatch.setattr(slurm_launcher, "submit_slurm", lambda *a, **k: pytest.fail("dry run submitted a job"))
     code = main(["train", "--config-file", TINY, "--launcher", "slurm", "--nodes", "2", "--gpus-per-node", "2",
                  "--partition", "gpu", "--dry-run", "--plan-gpu", "h100-80gb", "--plan-mfu", "0.4", *MICRO])
     assert code == 0

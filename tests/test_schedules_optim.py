@@ -62,3 +62,27 @@ def test_param_groups_decay_multipliers_and_last_layer():
     for group in opt.param_groups:
         assert group["lr"] == (0.0 if group["is_last_layer"] else group["lr_multiplier"])
         assert group["weight_decay"] == pytest.approx(0.1 * group["wd_multiplier"])
+
+
+def test_weight_decay_exempts_only_biases_norms_and_gammas():
+    """On the real student (backbone + heads): the reference's rule, by name. In particular the
+    prototype layer's weight_g is decayed (it used to be exempt, unbounding the logit scale)."""
+    from dinov2_repro.train.meta_arch import SSLMetaArch
+
+    cfg = load_config(CONFIG_DIR / "train" / "vit_tiny_cpu.yaml", ["ibot.separate_head=true", "student.arch=vit_micro"])
+    student = SSLMetaArch(cfg).student
+    groups = build_param_groups(student.named_parameters(), num_layers=student.backbone.depth,
+                                layerwise_decay=0.9, patch_embed_lr_mult=0.2)
+    wd_of = {id(p): g["wd_multiplier"] for g in groups for p in g["params"]}
+    for name, param in student.named_parameters():
+        exempt = name.endswith(".bias") or "norm" in name or "gamma" in name
+        assert wd_of[id(param)] == (0.0 if exempt else 1.0), name
+    assert wd_of[id(student.dino_head.last_layer.weight_g)] == 1.0
+    assert wd_of[id(student.ibot_head.last_layer.weight_g)] == 1.0
+
+
+def test_vitg14_head_bottlenecks():
+    cfg = load_config(CONFIG_DIR / "train" / "vitg14.yaml", [])
+    assert cfg.ibot.separate_head
+    assert (cfg.dino.head_bottleneck_dim, cfg.ibot.head_bottleneck_dim) == (384, 256)
+    assert cfg.dino.head_n_prototypes == cfg.ibot.head_n_prototypes == 131072

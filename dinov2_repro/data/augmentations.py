@@ -10,6 +10,12 @@ with p=0.2. Any other band count gets a band-agnostic jitter instead: one bright
 factor shared by all bands (p=0.8), because independent per-band factors would rewrite the spectral
 signature that distinguishes land covers. Solarize uses the threshold 128/255 on [0, 1] data.
 
+``preset="remote_sensing"`` (config ``crops.preset``) swaps the natural-image invariances for those
+of imagery seen from above: no hue/saturation shift and no grayscale (the spectral signal is what
+land cover is made of), the band-agnostic brightness/contrast jitter for every band count, and
+vertical flips plus 90-degree rotations on top of the horizontal flip (free invariances of a nadir
+view). Blur and solarize are unchanged.
+
 All randomness is drawn from the torch global RNG, so seeding it before the call (the data loader
 does this per sample) makes the output a pure function of the seed and the image.
 """
@@ -31,6 +37,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # code's blur wrapper applied 1-p, so the published checkpoints effectively trained with these.
 BLUR_RATES: dict[str, tuple[float, float, float]] = {"stated": (1.0, 0.1, 0.5), "released": (0.0, 0.9, 0.5)}
 
+PRESETS = ("natural", "remote_sensing")
 SOLARIZE_THRESHOLD = 128 / 255
 _RANGE_TOLERANCE = 1e-3
 
@@ -69,6 +76,14 @@ class RandomSolarize:
         if not _coin(self.p):
             return img
         return torch.where(img >= self.threshold, 1.0 - img, img)
+
+
+class RandomRot90:
+    """Rotation by a uniformly drawn multiple of 90 degrees (lossless, keeps square crops square)."""
+
+    def __call__(self, img: Tensor) -> Tensor:
+        quarter_turns = int(torch.randint(0, 4, ()))
+        return torch.rot90(img, quarter_turns, dims=(-2, -1)) if quarter_turns else img
 
 
 class BandAgnosticJitter:
@@ -125,12 +140,15 @@ class DataAugmentationDINO:
         local_crops_number: int,
         global_crops_size: int = 224,
         local_crops_size: int = 98,
-        blur_rates: str = "stated",
+        blur_rates: str = "released",
+        preset: str = "natural",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         if blur_rates not in BLUR_RATES:
             raise ValueError(f"crops.blur_rates must be one of {sorted(BLUR_RATES)}, got {blur_rates!r}")
+        if preset not in PRESETS:
+            raise ValueError(f"crops.preset must be one of {list(PRESETS)}, got {preset!r}")
         if len(mean) != len(std) or len(mean) == 0:
             raise ValueError(f"crops.mean and crops.std must have the same non-zero length, got {len(mean)} and {len(std)}")
         if any(s <= 0 for s in std):
@@ -143,14 +161,20 @@ class DataAugmentationDINO:
         self.global_crops_size = int(global_crops_size)
         self.local_crops_size = int(local_crops_size)
         self.blur_rates = blur_rates
+        self.preset = preset
         self.mean = [float(v) for v in mean]
         self.std = [float(v) for v in std]
 
+        overhead = preset == "remote_sensing"
+
         def geometric(size: int, scale: tuple[float, float]) -> v2.Compose:
-            return v2.Compose([
+            steps = [
                 v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                 v2.RandomHorizontalFlip(p=0.5),
-            ])
+            ]
+            if overhead:  # horizontal flip x rotations by 90 degrees = all 8 symmetries of the square
+                steps.append(RandomRot90())
+            return v2.Compose(steps)
 
         self.geometric_global = geometric(self.global_crops_size, self.global_crops_scale)
         self.geometric_local = geometric(self.local_crops_size, self.local_crops_scale)
@@ -171,7 +195,7 @@ class DataAugmentationDINO:
             crop = TF.to_dtype(crop, torch.float32, scale=True)
         else:
             crop = crop.clamp(0.0, 1.0)  # bicubic overshoots the [0, 1] range the colour ops assume
-        crop = self.color_rgb(crop) if crop.shape[0] == 3 else self.color_bands(crop)
+        crop = self.color_rgb(crop) if crop.shape[0] == 3 and self.preset == "natural" else self.color_bands(crop)
         crop = blur(crop)
         if solarize is not None:
             crop = solarize(crop)
@@ -194,5 +218,5 @@ class DataAugmentationDINO:
         return (
             f"DataAugmentationDINO(global {self.global_crops_size}px scale={self.global_crops_scale}, "
             f"{self.local_crops_number} local {self.local_crops_size}px scale={self.local_crops_scale}, "
-            f"blur_rates={self.blur_rates!r} {BLUR_RATES[self.blur_rates]}, bands={len(self.mean)})"
+            f"blur_rates={self.blur_rates!r} {BLUR_RATES[self.blur_rates]}, preset={self.preset!r}, bands={len(self.mean)})"
         )

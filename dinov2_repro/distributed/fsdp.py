@@ -4,7 +4,8 @@ Each backbone is sharded by groups of blocks (``student.block_chunks`` groups; o
 group when 0), then its root (embeddings, final norm); every head is its own unit. Policies
 come from ``compute_precision.<student|teacher>.<backbone|dino_head|ibot_head>``: parameters
 are kept in fp32 (the master weights) and cast to ``param_dtype`` for compute; gradients are
-reduced in ``reduce_dtype`` (fp32 for the student heads, for stability). With
+reduced in ``reduce_dtype`` (fp32 for the student heads, for stability). Each head's prototype
+layer (``last_layer``) is always fp32, params and reduce, for precise teacher targets. With
 ``compute_precision.param_dtype: fp32`` every policy is fp32 (exact CPU tests).
 
 The teacher is sharded like the student, so the EMA runs shard by shard on local tensors.
@@ -55,6 +56,10 @@ def shard_modules(modules: nn.ModuleDict, *, mesh, precision: DictConfig | dict,
     fully_shard(modules.backbone, mesh=mesh, mp_policy=backbone_policy, reshard_after_forward=True)
     for head in ("dino_head", "ibot_head"):
         if head in modules:
+            # The prototype layer is its own unit with fp32 params and reduce: its logits feed a
+            # temperature of 0.04 (models/heads.py computes it in fp32 under any autocast).
+            fully_shard(modules[head].last_layer, mesh=mesh, mp_policy=_policy(None, True),
+                        reshard_after_forward=True)
             fully_shard(modules[head], mesh=mesh, mp_policy=_policy(precision.get(head), all_fp32),
                         reshard_after_forward=True)
 

@@ -34,23 +34,26 @@ class WeightNormLinear(nn.Module):
         nn.init.ones_(self.weight_g)
 
     def weight(self) -> Tensor:
-        # The per-row scale is small (out, 1): compute it in fp32 so a bf16 norm over `in_features`
-        # elements does not lose precision, then scale v in its own dtype (no fp32 copy of v).
-        v_norm = self.weight_v.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
-        scale = self.weight_g.float() / v_norm
-        return self.weight_v * scale.to(self.weight_v.dtype)
+        """The effective fp32 weight g * v / ||v||."""
+        v = self.weight_v.float()
+        return v * (self.weight_g.float() / v.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight())
+        # Always fp32, whatever autocast is active: the logits are divided by a teacher temperature
+        # of 0.04, which turns bf16's ~0.4% rounding of a logit into 2-9% errors in the targets.
+        # The layer is small (bottleneck x K), so the fp32 matmul costs little. Under FSDP the
+        # layer is its own unit with an fp32 parameter policy (distributed/fsdp.py).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias=False"
 
 
 def _l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
-    # In fp32: 1e-12 underflows to 0 in fp16 (0/0 for an all-zero row) and a bf16 norm over the
-    # bottleneck is coarse. The bottleneck is small (N x 256), so the upcast is cheap.
-    return F.normalize(x.float(), p=2.0, dim=-1, eps=eps).to(x.dtype)
+    # In fp32 and left in fp32 for the prototype layer: 1e-12 underflows to 0 in fp16 (0/0 for an
+    # all-zero row) and a bf16 norm over the bottleneck is coarse. The bottleneck is small (N x 256).
+    return F.normalize(x.float(), p=2.0, dim=-1, eps=eps)
 
 
 class DINOHead(nn.Module):
@@ -99,7 +102,7 @@ class DINOHead(nn.Module):
         self.last_layer.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        """(..., in_dim) -> (..., out_dim) prototype logits."""
+        """(..., in_dim) -> (..., out_dim) prototype logits, always fp32 (the MLP follows autocast)."""
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"DINOHead: expected last dim {self.in_dim}, got input of shape {tuple(x.shape)}")
         x = _l2_normalize(self.mlp(x))

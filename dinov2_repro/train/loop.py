@@ -24,6 +24,7 @@ from ..distributed import DistributedEnv, detect_env, init_distributed, setup_ra
 from ..distributed.signals import StopRequest, TrainingStopped
 from .checkpoint import last_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .metrics import MetricsWriter, format_eta
+from .monitors import collapse_messages
 from .optim import apply_schedule, build_optimizer
 from .schedules import Schedules, build_schedules
 
@@ -44,13 +45,26 @@ def autocast_for(cfg: DictConfig, device: torch.device) -> Callable[[], contextl
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _clip_gradients(module: nn.Module, max_norm: float) -> float:
-    if max_norm <= 0:
-        return float("nan")
-    params = [p for p in module.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    # Under FSDP2 the gradients are sharded DTensors and so is their global norm.
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+def clip_gradients_per_part(parts: dict[str, nn.Module], max_norm: float) -> dict[str, float]:
+    """Clip each part's gradients to ``max_norm`` on its own (the reference clips the backbone, the
+    DINO head and the iBOT head separately); returns ``grad_norm/<part>`` pre-clip norms and
+    ``grad_norm``, their combined norm. ``max_norm <= 0`` measures without clipping."""
+    norms: dict[str, float] = {}
+    for name, module in parts.items():
+        params = [p for p in module.parameters() if p.grad is not None]
+        if not params:
+            continue
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        # Under FSDP2 the gradients are sharded DTensors and so is their norm: every rank takes
+        # part in the reduction and clips its shard by the same global coefficient.
+        norms[f"grad_norm/{name}"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    norms["grad_norm"] = math.sqrt(sum(v * v for v in norms.values()))
+    return norms
+
+
+def _clip_parts(model: nn.Module) -> dict[str, nn.Module]:
+    # Every meta-arch of the contract has clip_parts(); one part = the whole trainable module otherwise.
+    return model.clip_parts() if hasattr(model, "clip_parts") else {"student": model.trainable()}
 
 
 def train(
@@ -145,6 +159,7 @@ def _train(
     ckpt_period = int(cfg.train.checkpoint_period_iterations) or int(cfg.train.saveckp_freq) * epoch_len
     eval_period = int(cfg.evaluation.eval_period_iterations)
     log_period = max(int(cfg.train.log_period_iterations), 1)
+    warmup_iters = int(cfg.optim.warmup_epochs * epoch_len)  # collapse_messages: rank ~1 is normal before
     images_per_step = cfg.train.batch_size_per_gpu * env.world_size
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=env.rank == 0, tensorboard=cfg.train.tensorboard,
                             resume_iteration=start_iteration)  # 0 without a checkpoint: old rows are stale
@@ -175,23 +190,28 @@ def _train(
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            grad_norm = _clip_gradients(model.trainable(), cfg.optim.clip_grad)
+            grad_norms = clip_gradients_per_part(_clip_parts(model), cfg.optim.clip_grad)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
-            grad_norm = _clip_gradients(model.trainable(), cfg.optim.clip_grad)
+            grad_norms = clip_gradients_per_part(_clip_parts(model), cfg.optim.clip_grad)
             optimizer.step()
         model.after_optimizer_step(values)
 
         done = iteration + 1
-        if done % log_period == 0 or done == total:
+        rank_due = hasattr(model, "feature_rank") and (done == total or (eval_period and done % eval_period == 0))
+        if done % log_period == 0 or done == total or rank_due:
             elapsed = time.perf_counter() - started
             rate = (done - start_iteration) / elapsed
             last_logged = {"iteration": done, "total_loss": loss_value, **{k: float(v) for k, v in terms.items()},
-                           **values, "grad_norm": grad_norm, "images_per_s": rate * images_per_step,
+                           **values, **grad_norms, "images_per_s": rate * images_per_step,
                            "n_skipped": int(batch.get("n_skipped", 0))}
+            if rank_due:
+                last_logged["monitor/rankme"] = model.feature_rank()
             metrics.write(last_logged)
+            for message in collapse_messages(last_logged, done, check_rank=done > warmup_iters):
+                logger.warning(message)
             logger.info("it %d/%d  loss %.4f  lr %.2e  %.1f img/s  eta %s", done, total, loss_value, values["lr"],
                         rate * images_per_step, format_eta((total - done) / rate))
         if done % ckpt_period == 0 or done == total:

@@ -12,6 +12,7 @@ from ..distributed.fsdp import local_tensor
 from ..losses import DINOLoss, KoLeoLoss, SoftmaxCentering, iBOTPatchLoss, sinkhorn_knopp_center
 from ..models import build_vit
 from ..models.heads import DINOHead
+from .monitors import effective_rank, teacher_monitors
 from .optim import build_param_groups
 
 
@@ -72,6 +73,7 @@ class SSLMetaArch(nn.Module):
         self.ibot_loss = iBOTPatchLoss(student_temp=0.1)
         self.koleo_loss = KoLeoLoss()
         ibot_prototypes = cfg.ibot.head_n_prototypes if cfg.ibot.separate_head else cfg.dino.head_n_prototypes
+        self._last_teacher_cls: Tensor | None = None  # for the RankMe monitor, refreshed every step
         if cfg.train.centering == "centering":
             self.dino_center = SoftmaxCentering(out_dim=cfg.dino.head_n_prototypes, momentum=0.9)
             self.ibot_center = SoftmaxCentering(out_dim=ibot_prototypes, momentum=0.9)
@@ -84,6 +86,14 @@ class SSLMetaArch(nn.Module):
 
     def trainable(self) -> nn.Module:
         return self.student
+
+    def clip_parts(self) -> dict[str, nn.Module]:
+        """Clipped separately to optim.clip_grad, as in the reference: the backbone and each head."""
+        return {name: module for name, module in self.student.items()}
+
+    def feature_rank(self) -> float | None:
+        """RankMe of the teacher CLS features of the last step's global crops (None before a step)."""
+        return None if self._last_teacher_cls is None else effective_rank(self._last_teacher_cls)
 
     def param_groups(self) -> list[dict]:
         optim = self.cfg.optim
@@ -117,6 +127,7 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def teacher_targets(self, global_crops: Tensor, mask_indices: Tensor, temp: float) -> tuple[Tensor, Tensor]:
         out = self.teacher.backbone(global_crops, is_training=True)
+        self._last_teacher_cls = out["x_norm_clstoken"].detach()
         cls_logits = self.teacher.dino_head(out["x_norm_clstoken"])
         masked_patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
         patch_logits = self._ibot_head(self.teacher)(masked_patches)
@@ -158,8 +169,9 @@ class SSLMetaArch(nn.Module):
             cls_logits, patch_logits = logits[: cls_tokens.shape[0]], logits[cls_tokens.shape[0]:]
         cls_logits = cls_logits.float().reshape(2 + n_local, batch_size, -1)
 
-        # 2 swapped global terms + n_local x 2 local terms, averaged over the terms, as DINOv2 does.
-        n_terms = 2 + 2 * n_local
+        # 2 swapped global terms + n_local x 2 local terms, averaged over the terms, as DINOv2 does. With
+        # no local crops the reference still counts one local term (max(n_local * 2, 1)): match it.
+        n_terms = 2 + max(2 * n_local, 1)
         dino_global = self.dino_loss(cls_logits[:2], dino_probs, ignore_diagonal=True)
         dino_local = self.dino_loss(cls_logits[2:], dino_probs) if n_local else cls_logits.sum() * 0
         dino = (dino_global + dino_local) / n_terms
@@ -171,4 +183,6 @@ class SSLMetaArch(nn.Module):
         total = cfg.dino.loss_weight * dino + cfg.dino.koleo_loss_weight * koleo + cfg.ibot.loss_weight * ibot
         terms = {"dino_local_crops_loss": dino_local / n_terms, "dino_global_crops_loss": dino_global / n_terms,
                  "koleo_loss": koleo, "ibot_loss": ibot}
+        # dino_global sums the 2 swapped pairs' batch-mean cross-entropies.
+        terms.update(teacher_monitors(dino_probs, dino_global.detach() / 2))
         return total, {k: v.detach() for k, v in terms.items()}

@@ -22,7 +22,9 @@ def layer_id_for(name: str, num_layers: int) -> int:
 
 
 def _no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    return param.ndim <= 1 or name.endswith(".bias") or "norm" in name or "gamma" in name or "weight_g" in name
+    # The reference exempts exactly biases, norms and LayerScale gammas. The prototype layer's
+    # weight_g is decayed like any weight: that bounds the prototype norms, hence the logit scale.
+    return param.ndim <= 1 or name.endswith(".bias") or "norm" in name or "gamma" in name
 
 
 def build_param_groups(

@@ -30,7 +30,8 @@ def build_ssl_transform(cfg: DictConfig) -> DataAugmentationDINO:
     return DataAugmentationDINO(
         global_crops_scale=tuple(crops.global_crops_scale), local_crops_scale=tuple(crops.local_crops_scale),
         local_crops_number=crops.local_crops_number, global_crops_size=crops.global_crops_size,
-        local_crops_size=crops.local_crops_size, blur_rates=crops.blur_rates, mean=tuple(crops.mean), std=tuple(crops.std),
+        local_crops_size=crops.local_crops_size, blur_rates=crops.blur_rates,
+        preset=crops.preset, mean=tuple(crops.mean), std=tuple(crops.std),
     )
 
 
