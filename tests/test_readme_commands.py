@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 READMES = [ROOT / "README.md", ROOT / "data_curation" / "README.md"]
 # Verbs that take minutes or need data a reader supplies: dry-run instead of run.
-EXPENSIVE_VERBS = {"train", "curate", "demo", "export", "eval", "distill", "predict"}
+EXPENSIVE_VERBS = {"train", "curate", "demo", "export", "eval", "distill", "predict", "plan"}
 FENCE = re.compile(r"```[a-z]*\n(.*?)```", re.S)
 INLINE = re.compile(r"`(dinov2-repro(?: [^`]*)?)`")
 
@@ -58,7 +58,7 @@ def _validate_config(args) -> None:
     """Load the config the verb would load: unknown keys and wrong types fail here."""
     from dinov2_repro.config import load_config, resolve_config_file
 
-    if args.verb == "train":
+    if args.verb == "train" or (args.verb == "plan" and "distill" not in str(args.config_file)):
         load_config(resolve_config_file(args.config_file, recipes="train"), args.overrides)
     elif args.verb == "curate":
         from dinov2_repro.curation.config import load_curation_config

@@ -43,7 +43,9 @@ def teacher_monitors(teacher_probs: Tensor, student_teacher_ce: Tensor) -> dict[
         "monitor/teacher_batch_entropy_rel": batch_entropy / log_k,
         "monitor/student_teacher_ce": ce,
         "monitor/student_teacher_kl": ce - entropy,
-        "monitor/prototypes_used": torch.tensor(float(probs.argmax(dim=-1).unique().numel())),
+        # A static-shape count (no unique()), so the planner can trace the step on fake tensors.
+        "monitor/prototypes_used": torch.zeros(probs.shape[-1], device=probs.device)
+        .index_fill_(0, probs.argmax(dim=-1), 1.0).sum(),
     }
 
 
