@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .verify import VerifyParams, align, prepare
+from .verify import VerifyParams, align, prepare, single_thread
 
 COPY_KINDS = ("jpeg", "downscale", "colour", "dihedral", "noise", "crop", "shift")
 
@@ -121,6 +121,14 @@ def calibrate(images: Sequence[np.ndarray], neighbour_pairs: np.ndarray, params:
     [0, 1]) and ``neighbour_pairs`` (E, 2) indices into ``images`` of nearest non-identical
     neighbours (indices into ``negative_images`` when given, which then starts with ``images``). ``embed`` (list of images -> L2-normalised descriptors) calibrates the candidate
     cosine threshold; without it only the verification threshold is calibrated."""
+    with single_thread():
+        return _calibrate(images, neighbour_pairs, params, embed=embed, target_recall=target_recall,
+                          mad_sigmas=mad_sigmas, seed=seed, negative_images=negative_images)
+
+
+def _calibrate(images: Sequence[np.ndarray], neighbour_pairs: np.ndarray, params: VerifyParams, *,
+               embed: Callable[[list[np.ndarray]], np.ndarray] | None, target_recall: float, mad_sigmas: float,
+               seed: int, negative_images: Sequence[np.ndarray] | None) -> dict:
     rng = np.random.default_rng(seed)
     prepared = [prepare(im, params) for im in (images if negative_images is None else negative_images)]
     kinds, pos_scores, pairs = [], [], []

@@ -18,9 +18,10 @@ homogeneous texture (forest canopy, fields) share its statistics but not its pix
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -159,6 +160,18 @@ def _signed_shift(dy: int, dx: int, pad: int) -> tuple[int, int]:
     return (dy - pad if dy > pad // 2 else dy, dx - pad if dx > pad // 2 else dx)
 
 
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: the FFTs of one pair are tiny, and a second OpenMP thread on a busy
+    machine makes them 10-80x slower (spin-waiting), never faster."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def verify_pairs(src: np.ndarray, dst: np.ndarray, load: Callable[[int], np.ndarray], params: VerifyParams,
                  *, cache_size: int = 4096) -> tuple[np.ndarray, list[Alignment]]:
     """Alignment score of every pair (src[e], dst[e]); ``load(i)`` gives image i as (C, H, W) in
@@ -172,7 +185,8 @@ def verify_pairs(src: np.ndarray, dst: np.ndarray, load: Callable[[int], np.ndar
             cache[i] = prepare(load(i), params)
         return cache[i]
 
-    alignments = [align(get(int(a)), get(int(b)), params) for a, b in zip(np.asarray(src), np.asarray(dst))]
+    with single_thread():
+        alignments = [align(get(int(a)), get(int(b)), params) for a, b in zip(np.asarray(src), np.asarray(dst))]
     return np.array([al.score for al in alignments], dtype=np.float64), alignments
 
 
@@ -187,7 +201,8 @@ def params_from_config(section) -> VerifyParams:
 def verify_images(a: np.ndarray, b: np.ndarray, params: VerifyParams | None = None) -> Alignment:
     """Convenience: align two (C, H, W) images in [0, 1]."""
     params = params or VerifyParams()
-    return align(prepare(a, params), prepare(b, params), params)
+    with single_thread():
+        return align(prepare(a, params), prepare(b, params), params)
 
 
 def pair_scores_for(images: Sequence[np.ndarray], pairs: Sequence[tuple[int, int]], params: VerifyParams) -> np.ndarray:
