@@ -107,6 +107,12 @@ def test_full_pipeline_exports_a_manifest_with_provenance(tmp_path):
     assert all(a >= b - 1e-9 for a, b in zip(curve, curve[1:]))  # a higher threshold never removes more
     assert sum(report["cluster_sizes"]["leaf_sizes_after"]) == 12
     assert (out / "export" / "dedup.png").stat().st_size > 1000 and (out / "export" / "clusters.png").is_file()
+    # Verification: calibrated thresholds reported, galleries of candidates and retrieval written.
+    verification = report["verification"]
+    assert verification["verify_threshold_source"] == "calibrated" and verification["candidates"] > 0
+    assert 0 <= verification["calibration"]["estimated_recall"] <= 1
+    assert (out / "export" / "gallery_threshold.png").stat().st_size > 1000
+    assert (out / "export" / "gallery_retrieval.png").stat().st_size > 1000
     # Embeddings: float16 shards + an index mapping rows to the manifest.
     index = read_json(out / "embeddings" / "pool" / "index.json")
     assert index["num_rows"] == len(pool) and index["dtype"] == "float16"
