@@ -4,14 +4,11 @@ Positives: synthetic copies of sampled pool images, one per copy kind (JPEG, dow
 colour/contrast, flips/rotations, noise, crops, shifted windows). Negatives: each sampled image
 against its nearest kNN neighbours -- the hardest non-copies the pool has to offer.
 
-The pool may hold real copies, so some "negatives" are in fact positives; the negative tail is
-therefore estimated robustly (median + ``mad_sigmas`` x the scaled median absolute deviation,
-which a minority of contaminating copies does not move), not from its maximum.
-
 Two thresholds come out:
-- ``verify_threshold`` on the pixel alignment score (verify.py): midway between the robust
-  negative tail and the positives' low quantile ``1 - target_recall`` (when they overlap, the
-  negative tail wins: a false removal is worse than a missed copy);
+- ``verify_threshold`` on the pixel alignment score (verify.py): the one maximising
+  recall - ``fp_weight`` x false-positive rate (a false removal costs more than a missed copy).
+  The pool may hold real copies, so some "negatives" are in fact positives: they add about the
+  same false positives at every threshold below the positives and barely move the choice;
 - ``candidate_threshold`` on the embedding cosine: low enough that the kNN stage proposes
   ``target_recall`` of the synthetic copies to verification.
 The report gives the estimated recall per copy kind and the false-positive rate on the negatives
@@ -98,36 +95,39 @@ def synthetic_pair(image: np.ndarray, kind: str, rng: np.random.Generator) -> tu
     raise ValueError(f"unknown copy kind {kind!r} (kinds: {', '.join(COPY_KINDS)})")
 
 
-def robust_tail(values: np.ndarray, sigmas: float) -> float:
-    """median + sigmas x 1.4826 x MAD: the upper tail of the bulk, blind to a minority of outliers."""
-    median = float(np.median(values))
-    mad = float(np.median(np.abs(values - median))) * 1.4826
-    return median + sigmas * max(mad, 1e-3)
-
-
-def choose_threshold(positives: np.ndarray, negatives: np.ndarray, *, target_recall: float, mad_sigmas: float) -> dict:
-    """The verification threshold from positive and (possibly contaminated) negative scores."""
-    pos_low = float(np.quantile(positives, 1.0 - target_recall))
-    neg_high = robust_tail(negatives, mad_sigmas)
-    threshold = 0.5 * (pos_low + neg_high) if pos_low > neg_high else neg_high
-    return {"threshold": round(threshold, 4), "positive_quantile": round(pos_low, 4), "negative_tail": round(neg_high, 4),
-            "separated": bool(pos_low > neg_high)}
+def choose_threshold(positives: np.ndarray, negatives: np.ndarray, *, fp_weight: float) -> dict:
+    """The threshold maximising recall(t) - fp_weight x false-positive rate(t) (the middle of the
+    best plateau). Real copies among the negatives add about the same false positives at every
+    threshold below the positives, so they barely move the choice."""
+    grid = np.unique(np.concatenate([positives, negatives]))
+    grid = np.concatenate([[grid[0] - 1e-6], grid])
+    recall = (positives[None, :] > grid[:, None]).mean(1)
+    fpr = (negatives[None, :] > grid[:, None]).mean(1)
+    gain = recall - fp_weight * fpr
+    best = np.flatnonzero(gain >= gain.max() - 1e-9)
+    # Middle of the plateau: halfway between its lowest threshold and the next score above its highest.
+    low, high_index = grid[best[0]], best[-1] + 1
+    high = grid[high_index] if high_index < len(grid) else grid[best[-1]]
+    threshold = 0.5 * (low + high)
+    return {"threshold": round(float(threshold), 4), "gain": round(float(gain.max()), 4),
+            "positive_quantile_0.01": round(float(np.quantile(positives, 0.01)), 4),
+            "negative_quantile_0.99": round(float(np.quantile(negatives, 0.99)), 4)}
 
 
 def calibrate(images: Sequence[np.ndarray], neighbour_pairs: np.ndarray, params: VerifyParams, *,
               embed: Callable[[list[np.ndarray]], np.ndarray] | None = None, target_recall: float = 0.99,
-              mad_sigmas: float = 6.0, seed: int = 0, negative_images: Sequence[np.ndarray] | None = None) -> dict:
+              fp_weight: float = 4.0, seed: int = 0, negative_images: Sequence[np.ndarray] | None = None) -> dict:
     """Thresholds + estimated precision/recall from ``images`` (sampled pool images, (C, H, W) in
     [0, 1]) and ``neighbour_pairs`` (E, 2) indices into ``images`` of nearest non-identical
     neighbours (indices into ``negative_images`` when given, which then starts with ``images``). ``embed`` (list of images -> L2-normalised descriptors) calibrates the candidate
     cosine threshold; without it only the verification threshold is calibrated."""
     with single_thread():
         return _calibrate(images, neighbour_pairs, params, embed=embed, target_recall=target_recall,
-                          mad_sigmas=mad_sigmas, seed=seed, negative_images=negative_images)
+                          fp_weight=fp_weight, seed=seed, negative_images=negative_images)
 
 
 def _calibrate(images: Sequence[np.ndarray], neighbour_pairs: np.ndarray, params: VerifyParams, *,
-               embed: Callable[[list[np.ndarray]], np.ndarray] | None, target_recall: float, mad_sigmas: float,
+               embed: Callable[[list[np.ndarray]], np.ndarray] | None, target_recall: float, fp_weight: float,
                seed: int, negative_images: Sequence[np.ndarray] | None) -> dict:
     rng = np.random.default_rng(seed)
     prepared = [prepare(im, params) for im in (images if negative_images is None else negative_images)]
@@ -143,7 +143,7 @@ def _calibrate(images: Sequence[np.ndarray], neighbour_pairs: np.ndarray, params
     pos = np.array(pos_scores)
     if len(neg_scores) == 0:
         raise ValueError("calibration: no neighbour pairs to estimate the non-copy scores from (pool too small?)")
-    chosen = choose_threshold(pos, neg_scores, target_recall=target_recall, mad_sigmas=mad_sigmas)
+    chosen = choose_threshold(pos, neg_scores, fp_weight=fp_weight)
     t = chosen["threshold"]
     kinds_arr = np.array(kinds)
     per_kind = {k: round(float((pos[kinds_arr == k] > t).mean()), 4) for k in COPY_KINDS}

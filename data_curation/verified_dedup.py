@@ -64,7 +64,7 @@ def calibrate_on_pool(cfg: DictConfig, load: Callable[[int], np.ndarray], scores
     sampled = images[: len(picks)]
     # Only the sampled images get synthetic copies; neighbours only serve as negatives.
     report = calibrate(sampled, np.array(pairs, dtype=np.int64), params, embed=embed,
-                       target_recall=float(section.target_recall), mad_sigmas=float(section.mad_sigmas), seed=cfg.seed,
+                       target_recall=float(section.target_recall), fp_weight=float(section.fp_weight), seed=cfg.seed,
                        negative_images=images)
     return report
 

@@ -37,6 +37,8 @@ class VerifyParams:
     min_overlap: float = 0.5
     low_sigma: float = 0.8
     high_sigma: float = 5.0
+    sidelobe_radius: int = 4
+    sidelobe_weight: float = 0.25
 
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -44,11 +46,16 @@ class VerifyParams:
 
 @dataclass(frozen=True)
 class Alignment:
-    """Best alignment of a pair: NCC score, dihedral index of B (0 = identity), side fraction of
-    the smaller (cropped) image in the larger one, which image is the crop, shift in working pixels
-    and the overlap as a fraction of the smaller image."""
+    """Best alignment of a pair. ``score`` = ``peak`` - weight x ``sidelobe``: the NCC at the best
+    alignment minus (a fraction of) the best NCC of the same pose at shifts more than ``sidelobe_radius`` away.
+    A copy has one sharp peak; two distinct images that both hold a straight edge or a smooth
+    ramp align almost as well at many shifts along it, so their peak is not distinctive.
+    Also: dihedral index of B (0 = identity), side fraction of the cropped image in the other,
+    which image is the crop, shift in working pixels, overlap as a fraction of the smaller image."""
 
     score: float
+    peak: float
+    sidelobe: float
     dihedral: int
     scale: float
     crop_is: str
@@ -134,7 +141,7 @@ def prepare(image: np.ndarray | torch.Tensor, params: VerifyParams) -> torch.Ten
 def align(a: torch.Tensor, b: torch.Tensor, params: VerifyParams) -> Alignment:
     """Best alignment of prepared grey images a, b (each (work_size, work_size))."""
     size = params.work_size
-    best = Alignment(-1.0, 0, 1.0, "none", (0, 0), 0.0)
+    best_peak, best_key, best_map = -2.0, None, None
     b_dihedral = dihedral_stack(b)
     bp = lambda z: band_pass(z, params.low_sigma, params.high_sigma)  # noqa: E731 - local shorthand
     full_a, full_b = bp(a[None]), bp(b_dihedral)
@@ -148,12 +155,26 @@ def align(a: torch.Tensor, b: torch.Tensor, params: VerifyParams) -> Alignment:
             ncc, count = _masked_ncc(big, small, params.min_overlap * side * side)
             value, where = ncc.reshape(len(ncc), -1).max(dim=1)
             d = int(value.argmax())
-            if float(value[d]) > best.score:
-                pos = int(where[d])
-                dy, dx = divmod(pos, ncc.shape[-1])
-                best = Alignment(float(value[d]), d, scale, crop_is, _signed_shift(dy, dx, ncc.shape[-1]),
-                                 float(count.reshape(-1)[pos]) / (side * side))
-    return best
+            if float(value[d]) > best_peak:
+                best_peak, best_map = float(value[d]), ncc[d]
+                best_key = (d, scale, crop_is, int(where[d]), float(count.reshape(-1)[int(where[d])]) / (side * side))
+    if best_map is None:
+        return Alignment(-1.0, -1.0, -1.0, 0, 1.0, "none", (0, 0), 0.0)
+    d, scale, crop_is, pos, overlap = best_key
+    pad = best_map.shape[-1]
+    dy, dx = divmod(pos, pad)
+    sidelobe = _sidelobe(best_map, dy, dx, params.sidelobe_radius)
+    return Alignment(best_peak - params.sidelobe_weight * max(sidelobe, 0.0), best_peak, sidelobe, d, scale, crop_is, _signed_shift(dy, dx, pad), overlap)
+
+
+def _sidelobe(ncc: torch.Tensor, dy: int, dx: int, radius: int) -> float:
+    """Best NCC farther than ``radius`` (circular shift distance) from the peak at (dy, dx)."""
+    pad = ncc.shape[-1]
+    offsets = torch.arange(pad)
+    ry = torch.minimum((offsets - dy) % pad, (dy - offsets) % pad)
+    rx = torch.minimum((offsets - dx) % pad, (dx - offsets) % pad)
+    near = (ry[:, None] <= radius) & (rx[None, :] <= radius)
+    return float(ncc.masked_fill(near, -1.0).max())
 
 
 def _signed_shift(dy: int, dx: int, pad: int) -> tuple[int, int]:
@@ -192,7 +213,7 @@ def verify_pairs(src: np.ndarray, dst: np.ndarray, load: Callable[[int], np.ndar
 
 def params_from_config(section) -> VerifyParams:
     """``dedup.verify`` config section -> VerifyParams (unset keys keep the defaults)."""
-    values = {k: section[k] for k in ("work_size", "scales", "min_overlap", "low_sigma", "high_sigma") if k in section}
+    values = {k: section[k] for k in ("work_size", "scales", "min_overlap", "low_sigma", "high_sigma", "sidelobe_radius", "sidelobe_weight") if k in section}
     if "scales" in values:
         values["scales"] = tuple(float(s) for s in values["scales"])
     return VerifyParams(**values)
