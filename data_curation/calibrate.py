@@ -7,8 +7,8 @@ against its nearest kNN neighbours -- the hardest non-copies the pool has to off
 Two thresholds come out:
 - ``verify_threshold`` on the pixel alignment score (verify.py): the one maximising
   recall - ``fp_weight`` x false-positive rate (a false removal costs more than a missed copy).
-  The pool may hold real copies, so some "negatives" are in fact positives: they add about the
-  same false positives at every threshold below the positives and barely move the choice;
+  The pool may hold real copies, so some "negatives" are in fact positives: neighbour pairs
+  aligning better than the median synthetic copy are set aside as likely copies;
 - ``candidate_threshold`` on the embedding cosine: low enough that the kNN stage proposes
   ``target_recall`` of the synthetic copies to verification.
 The report gives the estimated recall per copy kind and the false-positive rate on the negatives
@@ -143,6 +143,13 @@ def _calibrate(images: Sequence[np.ndarray], neighbour_pairs: np.ndarray, params
     pos = np.array(pos_scores)
     if len(neg_scores) == 0:
         raise ValueError("calibration: no neighbour pairs to estimate the non-copy scores from (pool too small?)")
+    # A neighbour pair aligning better than the median synthetic copy is, on this evidence, more
+    # likely one of the pool's own copies than a look-alike: it is set aside, not counted as a
+    # false positive (with a good embedder a copied image's nearest neighbour is its copy).
+    likely_copy = neg_scores > np.median(pos)
+    all_neg_scores, neg_scores = neg_scores, neg_scores[~likely_copy]
+    if len(neg_scores) == 0:
+        raise ValueError("calibration: every neighbour pair aligns like a copy; the pool is mostly duplicates")
     chosen = choose_threshold(pos, neg_scores, fp_weight=fp_weight)
     t = chosen["threshold"]
     kinds_arr = np.array(kinds)
@@ -157,7 +164,8 @@ def _calibrate(images: Sequence[np.ndarray], neighbour_pairs: np.ndarray, params
               "estimated_precision": round(tp / max(tp + fp, 1e-9), 4),
               "images": len(images), "positives": len(pos), "negatives": len(neg_scores), "target_recall": target_recall,
               "positive_scores": np.round(pos, 4).tolist(), "positive_kinds": kinds,
-              "negative_scores": np.round(neg_scores, 4).tolist()}
+              "negatives_set_aside_as_likely_copies": int(likely_copy.sum()),
+              "negative_scores": np.round(all_neg_scores, 4).tolist()}
     if embed is not None:
         first = embed([p[0] for p in pairs])
         second = embed([p[1] for p in pairs])
