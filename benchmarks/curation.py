@@ -146,9 +146,28 @@ def run_quality_part(quick: bool, workdir: Path, splits: list[str]) -> dict:
     return {split: run_split(workdir, split, steps=steps, overrides=(f"num_threads={threads}",), **sizes) for split in splits}
 
 
+def verification_cost(pairs: int = 40, seed: int = 0) -> dict:
+    """Milliseconds per candidate pair of the pixel verification (64 px tiles, one thread) and the
+    projected total for the 1M benchmark's candidate count (its edges above the kNN threshold)."""
+    from curation_quality import TILE, load_scene
+    from data_curation.images import to_unit
+    from data_curation.verify import VerifyParams, verify_pairs
+
+    scene = load_scene("grass")
+    rng = np.random.default_rng(seed)
+    spots = rng.integers(0, scene.shape[1] - TILE, size=(2 * pairs, 2))
+    tiles = [to_unit(scene[:, y : y + TILE, x : x + TILE]) for y, x in spots]
+    start, cpu_start = time.time(), time.process_time()
+    verify_pairs(np.arange(pairs), np.arange(pairs, 2 * pairs), lambda i: tiles[i], VerifyParams())
+    ms, cpu_ms = 1000 * (time.time() - start) / pairs, 1000 * (time.process_time() - cpu_start) / pairs
+    # CPU ms is what the pairs cost; wall ms also counts waiting for a shared machine's cores.
+    return {"ms_per_pair": round(cpu_ms, 1), "wall_ms_per_pair": round(ms, 1), "pairs_timed": pairs, "threads": 1,
+            "work_size": VerifyParams().work_size, "load_average": os.getloadavg()[0]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["dedup", "quality", "all"], default="dedup")
+    parser.add_argument("--part", choices=["dedup", "quality", "verify-cost", "all"], default="dedup")
     parser.add_argument("--quick", action="store_true", help="small smoke run (tests)")
     parser.add_argument("--nprobe", type=int, default=8, help="IVF lists scanned per query (the curate stage's dedup.nprobe)")
     parser.add_argument("--n", type=int, default=None, help="pool size (default 1M, 20k with --quick)")
@@ -168,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.is_available():
             result["dedup_gpu"] = run_dedup(n, device="cuda")
             print(json.dumps(result["dedup_gpu"], indent=1))
+    if args.part in ("verify-cost", "all"):
+        cost = verification_cost()
+        candidates = result.get("dedup_cpu", {}).get("edges")
+        if candidates:
+            cost.update(candidates_1m=candidates, projected_1m_s_one_core=round(cost["ms_per_pair"] * candidates / 1000, 1))
+        result["verification_cost"] = cost
+        print(json.dumps(cost))
     if args.part in ("quality", "all"):
         q = run_quality_part(args.quick, args.workdir, args.splits)
         if "results" in result.get("quality", {}):
