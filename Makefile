@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv slurm-cluster benchmark clean
+.PHONY: demo test test-fast venv slurm-cluster benchmark clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	@if [ "$$(id -u)" = "0" ] && [ -z "$$DINOV2_NO_SLURM" ]; then bash launch/local_slurm/start_cluster.sh || echo "local Slurm cluster failed to start"; fi
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+# The edit-run loop: everything except the slow (> ~5 s), Slurm and fault-injection tests (pytest.ini).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow and not slurm and not faults" $(PYTEST_ARGS) tests
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/backbone.py

@@ -11,9 +11,12 @@ setup(
     version="0.1.0",
     description="End-to-end DINOv2 reproduction (curation, SSL pretraining, distillation, eval) for remote sensing",
     python_requires=">=3.10",
-    packages=find_packages(include=["dinov2_repro*", "data_curation*", "distill*", "launch*"]),
-    package_data={"": ["*.yaml"]},
-    include_package_data=True,
+    # Only names of our own are installed: the repository's top-level folders configs/, data_curation/,
+    # distill/ and launch/ are linked into the package as dinov2_repro/{configs,curation,distill,launch}
+    # (symlinks, followed by find_packages and copied into the wheel), so the wheel installs one
+    # top-level package, dinov2_repro.
+    packages=find_packages(include=["dinov2_repro", "dinov2_repro.*"]),
+    package_data={"dinov2_repro": ["configs/*.yaml", "configs/*/*.yaml"], "dinov2_repro.launch": ["local_slurm/*.sh"]},
     install_requires=[
         "torch>=2.6",
         "torchvision",

@@ -17,7 +17,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dinov2_repro.export import timm_model_for  # noqa: E402
+from dinov2_repro.backbone_file import timm_model_for  # noqa: E402
+from dinov2_repro.io.files import atomic_write_json  # noqa: E402
 from dinov2_repro.models import build_vit  # noqa: E402
 
 CONFIGS = ("ours_forward", "timm_forward", "packed_fwd_bwd", "crop_by_crop_fwd_bwd", "efficient_sd_fwd_bwd", "droppath_fwd_bwd")
@@ -226,15 +226,6 @@ def summarise(times: dict[str, list[float]], cfg: dict) -> dict:
     }
 
 
-def write_json_atomic(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(payload, stream, indent=2)
-        stream.write("\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -275,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if not args.skip_memory:
         payload["memory"] = {"method": MEMORY_METHOD[device.type], "configs": measure_memory(cfg, device, args.quick)}
     payload["machine"]["load_average_at_end"] = os.getloadavg()
-    write_json_atomic(payload, args.output_dir / f"backbone_{device.type}.json")
+    atomic_write_json(args.output_dir / f"backbone_{device.type}.json", payload, indent=2)
     print(json.dumps(payload, indent=2))
     return payload
 

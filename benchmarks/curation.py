@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from data_curation.dedup import components, knn_edges, pick_representatives  # noqa: E402
-from data_curation.io import atomic_write_json  # noqa: E402
-from data_curation.knn import brute_force_knn, build_index, choose_index, has_faiss_gpu, normalize, rescore, search  # noqa: E402
+from dinov2_repro.curation.dedup import components, knn_edges, pick_representatives  # noqa: E402
+from dinov2_repro.curation.io import atomic_write_json  # noqa: E402
+from dinov2_repro.curation.knn import brute_force_knn, build_index, choose_index, has_faiss_gpu, normalize, rescore, search  # noqa: E402
 
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "curation_cpu.json"
 
@@ -150,8 +150,8 @@ def verification_cost(pairs: int = 40, seed: int = 0) -> dict:
     """Milliseconds per candidate pair of the pixel verification (64 px tiles, one thread) and the
     projected total for the 1M benchmark's candidate count (its edges above the kNN threshold)."""
     from curation_quality import TILE, load_scene
-    from data_curation.images import to_unit
-    from data_curation.verify import VerifyParams, verify_pairs
+    from dinov2_repro.curation.images import to_unit
+    from dinov2_repro.curation.verify import VerifyParams, verify_pairs
 
     scene = load_scene("grass")
     rng = np.random.default_rng(seed)

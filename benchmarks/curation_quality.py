@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_curation.calibrate import colour_change, resize_image, to_uint8
-from data_curation.io import atomic_write_bytes, atomic_write_json, read_json, write_manifest
-from data_curation.images import to_unit
+from dinov2_repro.curation.calibrate import colour_change, resize_image, to_uint8
+from dinov2_repro.curation.io import atomic_write_bytes, atomic_write_json, read_json, write_manifest
+from dinov2_repro.curation.images import to_unit
 
 KINDS = ("jpeg_q30", "half_res", "colour", "rot90", "hflip", "noise", "crop75", "shift25", "crop60", "shift40")
 REQUIRED = KINDS[:8]  # crop60 and shift40 are reported, not required
@@ -227,8 +227,8 @@ def _frac(a: int, b: int) -> float:
 def run_split(workdir: Path, split: str, *, steps: int, per_kind: int, max_tiles_per_scene: int, seed: int = 0,
               overrides: tuple[str, ...] = ()) -> dict:
     """Build the split's pool and run ``curate embed`` + ``curate dedup`` on it with the defaults."""
-    from data_curation.config import load_curation_config
-    from data_curation.pipeline import run_stage
+    from dinov2_repro.curation.config import load_curation_config
+    from dinov2_repro.curation.pipeline import run_stage
 
     scenes = TUNE if split == "tune" else HELDOUT
     pool_dir = workdir / split

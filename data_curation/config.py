@@ -11,9 +11,9 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from dinov2_repro.config import ConfigError, load_config
+from dinov2_repro.config import CONFIG_DIR, ConfigError, load_config
 
-CURATION_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "curation"
+CURATION_CONFIG_DIR = CONFIG_DIR / "curation"
 DEFAULT_CONFIG = CURATION_CONFIG_DIR / "default.yaml"
 
 __all__ = ["ConfigError", "DEFAULT_CONFIG", "load_curation_config", "save_resolved"]

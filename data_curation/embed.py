@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from dinov2_repro.device import resolve_device
+
 from .embedders import build_embedder, embed_batch
 from .images import ManifestImages
 from .io import atomic_save_npy, atomic_write_json, read_json, read_manifest
@@ -42,14 +44,6 @@ def shard_file(out_dir: Path, shard: int) -> Path:
     return out_dir / f"shard_{shard:05d}.npy"
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} but CUDA is not available")
-    return torch.device(device)
-
-
 def _job_spec(job: dict) -> dict:
     keys = ("manifest", "manifest_digest", "embedder", "checkpoint", "img_size", "bands", "dihedral_pool", "shard_size", "seed")
     return {k: job[k] for k in keys}
@@ -60,7 +54,7 @@ def embed_shards(job: dict, *, rank: int = 0, world_size: int = 1) -> list[int]:
     torch.set_num_threads(max(1, int(job.get("num_threads", 2)) // world_size))
     out_dir = Path(job["out_dir"])
     rows = read_manifest(job["manifest"])
-    device = resolve_device(job.get("device", "cpu"))
+    device = resolve_device(job.get("device", "cpu"), key="device")
     spec = build_embedder(job["embedder"], img_size=job["img_size"], checkpoint=job.get("checkpoint"), seed=job["seed"])
     module = spec.module.to(device).eval()
     dataset = ManifestImages(rows=rows, manifest_dir=Path(job["manifest"]).parent, img_size=spec.img_size,

@@ -117,9 +117,9 @@ def build_embedder(name: str, *, img_size: int, checkpoint: str | Path | None = 
                                              dim=model.embed_dim), size, 3, info)
     if kind == "export":
         try:
-            from dinov2_repro.export import load_backbone
+            from dinov2_repro.backbone_file import load_backbone
         except ImportError as err:
-            raise ImportError(f"embed.embedder={name!r} needs dinov2_repro.export.load_backbone: {err}") from err
+            raise ImportError(f"embed.embedder={name!r} needs dinov2_repro.backbone_file.load_backbone: {err}") from err
         path = Path(arg)
         if not path.is_file():
             raise FileNotFoundError(f"embed.embedder: export file {path} does not exist")

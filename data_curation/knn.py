@@ -1,6 +1,6 @@
 """k-nearest-neighbour search on L2-normalised embeddings (inner product = cosine) with FAISS.
 
-The index is chosen by pool size (curation.md): exact Flat below ``FLAT_MAX``; IVF with
+The index is chosen by pool size: exact Flat below ``FLAT_MAX``; IVF with
 ~4 sqrt(N) lists (Flat codes, so scores are exact) up to ``IVF_SQRT_MAX``; IVF65536 with an HNSW
 coarse quantizer beyond. On a GPU (faiss-gpu) the coarse quantizer must be flat. Queries are
 batched; candidate scores are always re-computed exactly from the vectors before any threshold

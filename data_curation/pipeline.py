@@ -17,11 +17,12 @@ far, with the reason each was kept) and writes its own atomically.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf, DictConfig
+
+from dinov2_repro.io.files import atomic_output
 
 from .fingerprint import record_stage, require_fresh
 from .io import atomic_save_npz, atomic_write_json, read_json, read_manifest, resolve_resource
@@ -99,13 +100,13 @@ def train_sscd_if_missing(cfg: DictConfig) -> Path:
     hold = int(cfg.sscd.img_size * 1.5)
     bands = list(cfg.embed.bands) if cfg.embed.bands else None
     images = torch.stack([resize_tensor(torch.from_numpy(load_row_image(rows[i], manifest.parent, bands)), hold) for i in picks])
-    from .embed import resolve_device
+    from dinov2_repro.device import resolve_device
 
     model, losses = train_copy_detector(
         images, steps=cfg.sscd.steps, batch_size=cfg.sscd.batch_size, img_size=cfg.sscd.img_size,
         embed_dim=cfg.sscd.embed_dim, width=cfg.sscd.width, lr=cfg.sscd.lr, weight_decay=cfg.sscd.weight_decay,
         temperature=cfg.sscd.temperature, koleo_weight=cfg.sscd.koleo_weight, seed=cfg.seed,
-        dihedral_augment=not cfg.embed.dihedral_pool, device=str(resolve_device(cfg.device)))
+        dihedral_augment=not cfg.embed.dihedral_pool, device=str(resolve_device(cfg.device, key="device")))
     save_copy_detector(model.cpu(), path, {"trained_on": str(manifest), "images": len(images), "steps": cfg.sscd.steps,
                                            "final_loss": round(losses[-1], 4)})
     return path
@@ -168,10 +169,9 @@ def pool_knn(cfg: DictConfig, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 set_nprobe(index, cfg.dedup.nprobe)
             else:
                 index = build_index(x, factory=cfg.dedup.index, nprobe=cfg.dedup.nprobe, seed=cfg.seed)
-                tmp = index_file.with_name(f".{index_file.name}.tmp{os.getpid()}")
                 # GPU indexes are saved through their CPU copy (faiss cannot serialise them directly).
-                faiss.write_index(faiss.index_gpu_to_cpu(index) if has_faiss_gpu() else index, str(tmp))
-                os.replace(tmp, index_file)
+                with atomic_output(index_file) as tmp:
+                    faiss.write_index(faiss.index_gpu_to_cpu(index) if has_faiss_gpu() else index, str(tmp))
         _, ids = search(index, x[start:stop], k, batch=cfg.dedup.query_batch)
         scores = rescore(x[start:stop], x, ids)
         atomic_save_npz(path, scores=scores, ids=ids)

@@ -7,22 +7,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .io import atomic_write_json, portable_path, read_manifest, write_manifest
+from dinov2_repro.io.files import atomic_write_json, is_image_file
+from dinov2_repro.io.manifest import portable_path, read_manifest, write_manifest
+from dinov2_repro.io.raster import check_bands, tile_windows, window_bounds
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-
-
-def tile_windows(width: int, height: int, size: int, stride: int) -> Iterator[tuple[int, int, int, int]]:
-    """Full size x size windows every ``stride`` pixels (a partial border strip is not a tile)."""
-    for row_off in range(0, height - size + 1, stride):
-        for col_off in range(0, width - size + 1, stride):
-            yield (col_off, row_off, size, size)
 
 
 def invalid_fraction(pixels: np.ndarray, nodata: float | None, mask: np.ndarray | None = None) -> float:
@@ -52,16 +45,15 @@ def tile_scene(
     """Manifest rows of the valid tiles of one scene, and counts for the report."""
     import rasterio
     from rasterio.windows import Window
-    from rasterio.windows import bounds as window_bounds
 
     scene = Path(scene)
     if not scene.is_file():
         raise FileNotFoundError(f"tile.scenes: scene {scene} does not exist")
     with rasterio.open(scene) as src:
-        band_list = list(bands) if bands else list(range(1, src.count + 1))
-        bad = [b for b in band_list if not 1 <= int(b) <= src.count]
-        if bad:
-            raise ValueError(f"tile.bands: {bad} out of range for {scene} with {src.count} bands (1-based)")
+        try:
+            band_list = check_bands(scene, bands or None, src.count)
+        except ValueError as err:
+            raise ValueError(f"tile.bands: {err}") from None
         scene_nodata = nodata if nodata is not None else src.nodata
         crs = src.crs.to_string() if src.crs else None
         gsd = float(abs(src.transform.a)) if src.transform else None
@@ -85,7 +77,7 @@ def tile_scene(
                 "bands": [int(b) for b in band_list],
                 "scene_id": scene_id_of(scene),
                 "crs": crs,
-                "bounds": list(window_bounds(Window(*window), src.transform)) if crs else None,
+                "bounds": window_bounds(window, src.transform) if crs else None,
                 "gsd": gsd,
                 "width": w,
                 "height": h,
@@ -104,7 +96,7 @@ def image_rows(folder: str | Path, manifest_dir: str | Path) -> list[dict]:
     if not folder.is_dir():
         raise FileNotFoundError(f"pool.folders: {folder} is not a directory")
     rows = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in sorted(p for p in folder.rglob("*") if is_image_file(p)):
         with Image.open(path) as image:
             width, height = image.size
         rows.append({

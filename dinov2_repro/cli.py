@@ -1,114 +1,98 @@
-"""``dinov2-repro <verb>``: train, curate, export, eval, demo, info."""
+"""``dinov2-repro <verb>``: the project's command line.
+
+Each verb lives in its own module exposing ``register(subparsers)``, which adds the verb's parser
+and sets ``run=<callable(args) -> int>`` on it; this module only lists them, parses, gathers the
+``key=value`` overrides wherever they are on the line, and turns user mistakes into one line.
+"""
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
+import traceback
 from typing import Sequence
 
+from .cli_args import OVERRIDE, add_debug_argument
+from .config import ConfigError
+from .curation.cli import register as register_curate
+from .eval.cli import register as register_eval
+from .export_checkpoint import register as register_export
+from .misc_cli import register_demo, register_info
+from .train.cli import register as register_train
 
-def _add_train_parser(sub: argparse._SubParsersAction) -> None:
-    from launch.options import add_launcher_arguments
-
-    p = sub.add_parser("train", help="SSL pretraining (DINO + iBOT); resumes from OUTPUT_DIR/checkpoints/last")
-    p.add_argument("--config-file", default=None, help="experiment YAML merged over configs/ssl_default_config.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.output_dir=runs/a")
-    add_launcher_arguments(p)
-
-
-def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .config import load_config
-
-    cfg = load_config(args.config_file, args.overrides)  # validate before launching anything
-    if args.launcher != "none":
-        from launch.dispatch import launch_command
-        from launch.options import options_from_args
-
-        child = ["train", *(["--config-file", args.config_file] if args.config_file else []), *args.overrides]
-        return launch_command(child, options_from_args(args))
-    from .train.ssl import run_ssl_training
-
-    result = run_ssl_training(cfg)
-    print(json.dumps(result))
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .export_checkpoint import export_from_checkpoint
-
-    path = export_from_checkpoint(args.checkpoint, args.out, fmt=args.format, which=args.which)
-    print(f"wrote {path}")
-    return 0
-
-
-def _cmd_eval(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .eval.cli import main as eval_main
-
-    return eval_main(args.rest)
-
-
-def _cmd_curate(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from data_curation.cli import main as curate_main
-
-    return curate_main(args.rest)
-
-
-def _cmd_demo(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .demo import run_demo
-
-    return run_demo(output_dir=args.output_dir, overrides=tuple(args.overrides))
-
-
-def _cmd_info(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    import torch
-
-    from .models import available_archs, build_vit
-    from .models.layers.attention import resolve_backend
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(json.dumps({"torch": torch.__version__, "device": str(device),
-                      "attention_backend": resolve_backend("auto", device)}))
-    for arch in available_archs():
-        with torch.device("meta"):
-            model = build_vit(arch, ffn_layer="swiglu" if arch == "vit_giant2" else "mlp")
-        print(f"{arch:12s} {sum(p.numel() for p in model.parameters()) / 1e6:8.1f}M parameters")
-    return 0
+# Exceptions that mean "the command line or the files it names are wrong": one line, no traceback.
+USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError, ValueError)
+DEBUG_ENV = "DINOV2_REPRO_DEBUG"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dinov2-repro", description=__doc__)
-    sub = parser.add_subparsers(dest="verb", required=True)
-    _add_train_parser(sub)
-    p = sub.add_parser("export", help="consolidate a training checkpoint into one backbone safetensors file")
-    p.add_argument("--checkpoint", required=True, help="a run directory or one of its checkpoints/iter_* directories")
-    p.add_argument("--out", required=True, help="output .safetensors path")
-    p.add_argument("--format", choices=["timm"], default="timm", help="key layout (timm's DINOv2 layout)")
-    p.add_argument("--which", choices=["teacher", "student"], default="teacher")
-    for verb, text in (("eval", "evaluation: knn (see `dinov2-repro eval -h`)"),
-                       ("curate", "data curation stages (see `dinov2-repro curate -h`)")):
-        p = sub.add_parser(verb, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-    p = sub.add_parser("demo", help="end-to-end demo on the data shipped with installed packages")
-    p.add_argument("--output-dir", default="demo_output")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of configs/train/vit_tiny_cpu.yaml")
-    sub.add_parser("info", help="environment, attention backend and backbone sizes")
+    parser = argparse.ArgumentParser(prog="dinov2-repro", description="DINOv2 reproduction for remote sensing: "
+                                     "curation, SSL pretraining, export, evaluation.")
+    add_debug_argument(parser, top_level=True)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", title="verbs")
+    register_train(sub)
+    register_curate(sub)
+    register_export(sub)
+    register_eval(sub)
+    register_demo(sub)
+    register_info(sub)
+    for verb_parser in sub.choices.values():
+        _add_debug_everywhere(verb_parser)
     return parser
 
 
-_COMMANDS = {"train": _cmd_train, "export": _cmd_export, "eval": _cmd_eval, "curate": _cmd_curate,
-             "demo": _cmd_demo, "info": _cmd_info}
+def _add_debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """--debug on a verb parser and on its own sub-verb parsers, so it may follow the verb too."""
+    if not any("--debug" in action.option_strings for action in parser._actions):
+        add_debug_argument(parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_debug_everywhere(child)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` tokens argparse leaves over (overrides after an option) are
+    appended, in order, to the verb's ``overrides``."""
+    args, extra = parser.parse_known_args(list(argv))
+    overrides = [token for token in extra if OVERRIDE.match(token)]
+    unknown = [token for token in extra if not OVERRIDE.match(token)]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (see `dinov2-repro {args.verb or ''} --help`)")
+    if overrides:
+        if not hasattr(args, "overrides"):
+            parser.error(f"`dinov2-repro {args.verb}` takes no key=value overrides, got {' '.join(overrides)}")
+        args.overrides = [*args.overrides, *overrides]
+    # The positional list takes any word; only key=value ones are overrides.
+    stray = [token for token in getattr(args, "overrides", []) if not OVERRIDE.match(token)]
+    if stray:
+        parser.error(f"unexpected argument(s) {' '.join(stray)}: overrides are key=value "
+                     f"(see `dinov2-repro {args.verb} --help`)")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    from .config import ConfigError
-
+    parser = build_parser()
+    args = parse_args(parser, argv)
+    if getattr(args, "run", None) is None:  # bare `dinov2-repro` (or a verb that needs a sub-verb)
+        (args.help_parser if hasattr(args, "help_parser") else parser).print_help()
+        return 0 if args.verb is None else 2
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        return _COMMANDS[args.verb](args, argv[1:])
-    except ConfigError as err:
-        print(f"dinov2-repro {args.verb}: config error: {err}", file=sys.stderr)
-        return 2
+        return int(args.run(args) or 0)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"dinov2-repro {args.verb}: error: {message}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"dinov2-repro {args.verb}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

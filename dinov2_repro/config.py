@@ -15,8 +15,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+from .io.files import atomic_write_text  # noqa: F401  (importable from here: older callers use this path)
+
+# The recipes ship inside the package (dinov2_repro/configs is the repository's configs/ folder,
+# linked in a source checkout and copied into a wheel), so they are found the same way in both.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULTS_PATH = CONFIG_DIR / "ssl_default_config.yaml"
 
 
@@ -105,6 +108,23 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
     return nested
 
 
+def resolve_config_file(value: str | os.PathLike | None, *, recipes: str) -> Path | None:
+    """``--config-file`` as given: an existing path, or the name of a shipped recipe in
+    ``configs/<recipes>/`` (``vit_tiny_cpu.yaml`` or ``vit_tiny_cpu``). None stays None."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return path
+    folder = CONFIG_DIR / recipes
+    for candidate in (folder / path.name, folder / f"{path.name}.yaml"):
+        if path.parent == Path(".") and candidate.is_file():
+            return candidate
+    shipped = sorted(p.stem for p in folder.glob("*.yaml"))
+    raise ConfigError(f"config file {str(value)!r} does not exist; give a path to a YAML file or one of the "
+                      f"shipped {recipes} recipes: {', '.join(shipped)}")
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -137,14 +157,6 @@ def load_config(
         validate_against(defaults, update, "command-line override")
         merged = OmegaConf.merge(merged, OmegaConf.create(update))
     return merged
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_config(cfg: DictConfig, output_dir: str | os.PathLike) -> Path:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .config import CONFIG_DIR, load_config
+from .io.files import atomic_output, atomic_write_json
 from .eval.landcover import landcover_knn_report
 
 
@@ -31,7 +32,7 @@ def run_demo(*, output_dir: str | Path = "demo_output", overrides: tuple[str, ..
     _banner("2/3 pretrain the tiny ViT (DINO + iBOT + KoLeo) on CPU")
     cfg = load_config(CONFIG_DIR / "train" / "vit_tiny_cpu.yaml",
                       [f"train.dataset_path={dataset_spec}", f"train.output_dir={out / 'train'}", *overrides])
-    from .train.ssl import TEACHER_EXPORT, run_ssl_training
+    from .train.pretrain import TEACHER_EXPORT, run_ssl_training
 
     started = time.perf_counter()
     last = run_ssl_training(cfg)
@@ -40,7 +41,7 @@ def run_demo(*, output_dir: str | Path = "demo_output", overrides: tuple[str, ..
 
     _banner("3/3 kNN land-cover accuracy: trained teacher vs random init")
     report = landcover_knn_report(out / "train" / TEACHER_EXPORT, size=cfg.crops.global_crops_size)
-    (out / "knn_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out / "knn_report.json", report, indent=2)
     print(json.dumps(report, indent=2))
     print(f"\nrun directory: {out / 'train'}  (config.yaml, metrics.jsonl, checkpoints/, export/)")
     return 0
@@ -48,7 +49,7 @@ def run_demo(*, output_dir: str | Path = "demo_output", overrides: tuple[str, ..
 
 def _curate(out: Path) -> str:
     try:
-        from data_curation.demo import curate_demo_pool
+        from dinov2_repro.curation.demo import curate_demo_pool
     except ImportError:  # curation stage not installed: train on the raw shipped pool
         from .data.sample_data import write_demo_image_folder
 
@@ -69,7 +70,6 @@ def _write_natural_images(folder: Path) -> Path:
     for name, image in natural_images().items():
         target = folder / f"{name}.png"
         if not target.exists():
-            tmp = folder / f".{name}.tmp.png"
-            Image.fromarray(image).convert("RGB").save(tmp)
-            tmp.replace(target)
+            with atomic_output(target, suffix=".png") as tmp:
+                Image.fromarray(image).convert("RGB").save(tmp)
     return folder

@@ -1,16 +1,19 @@
 """Consolidate a training checkpoint into one backbone file (``dinov2-repro export``)."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from .export import save_backbone
-from .train.checkpoint import load_model_state, read_meta, resolve_checkpoint
-from .train.meta_arch import SSLMetaArch
 
 
 def export_from_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str = "timm", which: str = "teacher") -> Path:
+    # Imported here: the CLI imports this module for register(), and --help should not load torch.
+    from omegaconf import OmegaConf
+
+    from .backbone_file import save_backbone
+    from .train.checkpoint import load_model_state, read_meta, resolve_checkpoint
+    from .train.meta_arch import SSLMetaArch
+
     if fmt != "timm":
         raise ValueError(f"export format {fmt!r} unknown; only 'timm' is supported")
     checkpoint = resolve_checkpoint(checkpoint, what="--checkpoint")
@@ -21,3 +24,20 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str 
     out = Path(out)
     save_backbone(backbone, out, arch=cfg.student.arch, mean=tuple(cfg.crops.mean), std=tuple(cfg.crops.std))
     return out
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("export", help="consolidate a training checkpoint into one backbone safetensors file",
+                                   description="Consolidate a (possibly sharded) training checkpoint into one "
+                                               "backbone .safetensors file in timm's layout.")
+    parser.add_argument("--checkpoint", required=True, help="a run directory or one of its checkpoints/iter_* directories")
+    parser.add_argument("--out", required=True, help="output .safetensors path")
+    parser.add_argument("--format", choices=["timm"], default="timm", help="key layout (timm's DINOv2 layout)")
+    parser.add_argument("--which", choices=["teacher", "student"], default="teacher")
+    parser.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    path = export_from_checkpoint(args.checkpoint, args.out, fmt=args.format, which=args.which)
+    print(f"wrote {path}")
+    return 0

@@ -10,21 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from typing import IO, Mapping, Sequence
 
-from dinov2_repro.distributed.env import LOCAL_LAUNCHER_VAR
-
-
-def find_free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the ranks bind it soon after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+from dinov2_repro.distributed.env import LOCAL_LAUNCHER_VAR, find_free_port  # noqa: F401  (re-exported)
 
 
 def exit_code_of(returncode: int) -> int:

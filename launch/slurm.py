@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from launch.options import LauncherOptions
+from dinov2_repro.launch.options import LauncherOptions
 
 logger = logging.getLogger(__name__)
 

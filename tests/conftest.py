@@ -32,3 +32,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that asks for the ``slurm_cluster`` fixture needs the local cluster: mark it ``slurm``
+    (so ``-m "not slurm"`` leaves it out) without each test having to say so."""
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)

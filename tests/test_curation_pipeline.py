@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_curation.cli import main
-from data_curation.embed import SHARD_DELAY_ENV, load_embeddings
-from data_curation.io import read_json, read_manifest, resolve_row_path
+from dinov2_repro.curation.cli import main
+from dinov2_repro.curation.embed import SHARD_DELAY_ENV, load_embeddings
+from dinov2_repro.curation.io import read_json, read_manifest, resolve_row_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,12 +37,12 @@ SMALL_VERIFY = ["dedup.verify.enabled=true", "dedup.verify.k=2", "dedup.verify.c
 def _nodata_scene(path: Path) -> Path:
     """A 2-band 96x96 GeoTIFF whose left third is nodata."""
     import rasterio
-    from rasterio.transform import from_origin
+    from affine import Affine
 
     data = np.random.default_rng(0).random((2, 96, 96)).astype(np.float32)
     data[:, :, :32] = -9999.0
     with rasterio.open(path, "w", driver="GTiff", width=96, height=96, count=2, dtype="float32", nodata=-9999.0,
-                       crs="EPSG:32633", transform=from_origin(500000, 4000000, 10, 10)) as dst:
+                       crs="EPSG:32633", transform=Affine.translation(500000, 4000000) @ Affine.scale(10, -10)) as dst:
         dst.write(data)
     return path
 
@@ -129,6 +129,7 @@ def _mtimes(folder: Path, pattern: str) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob(pattern))}
 
 
+@pytest.mark.faults
 def test_embed_killed_partway_resumes_to_identical_output(tmp_path):
     manifest = _pool_manifest(tmp_path)
     total = -(-len(read_manifest(manifest)) // 8)
@@ -138,7 +139,7 @@ def test_embed_killed_partway_resumes_to_identical_output(tmp_path):
     interrupted = tmp_path / "interrupted"
     shards = interrupted / "embeddings" / "pool"
     env = dict(os.environ, **{SHARD_DELAY_ENV: "0.5"})
-    proc = subprocess.Popen([sys.executable, "-m", "data_curation.cli", "embed", f"output_dir={interrupted}", *common],
+    proc = subprocess.Popen([sys.executable, "-m", "dinov2_repro.curation.cli", "embed", f"output_dir={interrupted}", *common],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 60
@@ -181,6 +182,7 @@ def test_dedup_resumes_from_finished_knn_shards(tmp_path):
     assert read_json(out / "dedup" / "selected.json") == first
 
 
+@pytest.mark.slow
 def test_embed_with_project_vit_and_two_processes(tmp_path):
     manifest = _pool_manifest(tmp_path)
     rows = read_manifest(manifest)[:6]
@@ -205,8 +207,8 @@ def test_dedup_refuses_to_remove_most_of_the_pool(tmp_path, capsys):
 
 
 def test_shipped_configs_load_and_resolve_package_paths():
-    from data_curation.config import CURATION_CONFIG_DIR, load_curation_config
-    from data_curation.io import resolve_resource
+    from dinov2_repro.curation.config import CURATION_CONFIG_DIR, load_curation_config
+    from dinov2_repro.curation.io import resolve_resource
 
     for path in sorted(CURATION_CONFIG_DIR.glob("*.yaml")):
         cfg = load_curation_config(path)
@@ -218,10 +220,10 @@ def test_shipped_configs_load_and_resolve_package_paths():
 
 
 def test_embed_with_a_multispectral_project_export(tmp_path):
-    export = pytest.importorskip("dinov2_repro.export")
+    export = pytest.importorskip("dinov2_repro.backbone_file")
     import torch
 
-    from data_curation.images import ManifestImages
+    from dinov2_repro.curation.images import ManifestImages
     from dinov2_repro.models import DinoVisionTransformer
 
     torch.manual_seed(0)

@@ -64,6 +64,7 @@ def test_small_quality_experiment_on_heldout_scenes(tmp_path):
     assert m["pair_precision"] >= 0.9 and m["false_removal_rate"] <= 0.05, m
 
 
+@pytest.mark.slow
 def test_benchmark_quick_mode(tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "curation.py"), "--part", "dedup", "--quick", "--n", "4000",

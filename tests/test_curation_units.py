@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_curation.dedup import (UnionFind, box_iou, footprint_pairs, geo_dedup, knn_edges, pick_representatives,
+from dinov2_repro.curation.dedup import (UnionFind, box_iou, footprint_pairs, geo_dedup, knn_edges, pick_representatives,
                                  relative_dedup, self_dedup)
-from data_curation.hkmeans import balance_stats, balanced_allocation, balanced_sample, hierarchical_kmeans
-from data_curation.knn import brute_force_knn, choose_index, kmeans, knn, normalize
-from data_curation.retrieve import cluster_based, sample_based
+from dinov2_repro.curation.hkmeans import balance_stats, balanced_allocation, balanced_sample, hierarchical_kmeans
+from dinov2_repro.curation.knn import brute_force_knn, choose_index, kmeans, knn, normalize
+from dinov2_repro.curation.retrieve import cluster_based, sample_based
 
 
 def _clustered(n: int, dim: int, centers: int, seed: int) -> np.ndarray:

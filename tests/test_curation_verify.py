@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_curation.calibrate import COPY_KINDS, calibrate, choose_threshold, synthetic_pair
-from data_curation.images import to_unit
-from data_curation.verified_dedup import candidate_pairs
-from data_curation.verify import VerifyParams, verify_images
+from dinov2_repro.curation.calibrate import COPY_KINDS, calibrate, choose_threshold, synthetic_pair
+from dinov2_repro.curation.images import to_unit
+from dinov2_repro.curation.verified_dedup import candidate_pairs
+from dinov2_repro.curation.verify import VerifyParams, verify_images
 
 PARAMS = VerifyParams(work_size=48, low_sigma=0.7, high_sigma=4.0)
 

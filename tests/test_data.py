@@ -314,6 +314,7 @@ def _mask_collate(n_tokens: int = 64):
     return lambda samples: collate_data_and_cast(samples, n_tokens=n_tokens, mask_generator=gen)
 
 
+@pytest.mark.faults
 def test_corrupt_files_are_skipped_and_counted(demo_image_folder: Path, landsat_stack_path: Path, tmp_path: Path, caplog) -> None:
     folder = tmp_path / "images"
     folder.mkdir()
@@ -349,6 +350,7 @@ def test_corrupt_files_are_skipped_and_counted(demo_image_folder: Path, landsat_
     assert geo.bad_files == [str(bad_scene)] and str(bad_scene) in caplog.text and len(geo) > 0
 
 
+@pytest.mark.faults
 def test_all_corrupt_raises(tmp_path: Path) -> None:
     for i in range(3):
         (tmp_path / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 20)

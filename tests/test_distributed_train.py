@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 
 from dinov2_repro.config import CONFIG_DIR, load_config
 
+pytestmark = pytest.mark.slow  # 2-rank gloo training steps: minutes on 2 cores
+
 BATCH = 4  # global batch; 2 images per rank
 N_LOCAL = 2
 

@@ -8,7 +8,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from dinov2_repro.export import (
+from dinov2_repro.backbone_file import (
     from_timm_state_dict,
     load_backbone,
     load_backbone_into_timm,
@@ -67,6 +67,7 @@ def test_timm_model_names_exist_in_timm():
         timm_model_name("vit_small", 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("registers", [0, 4])
 def test_full_size_small_matches_timm_both_ways(registers):
     # Real ViT-S/14 shapes and timm's released config (518 px, 37x37 pos-embed grid). Our model uses
@@ -99,6 +100,7 @@ def _visible_timm(model):
     return model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "arch,registers,ffn",
     [("vit_base", 0, "mlp"), ("vit_large", 4, "mlp"), ("vit_giant2", 0, "swiglu"), ("vit_giant2", 4, "swiglu")],

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from launch.local import exit_code_of, run_local
-from launch.options import LauncherOptions, add_launcher_arguments, options_from_args
+from dinov2_repro.launch.local import exit_code_of, run_local
+from dinov2_repro.launch.options import LauncherOptions, add_launcher_arguments, options_from_args
 
 ALL_REDUCE_SCRIPT = textwrap.dedent("""
     import json, os, sys
@@ -56,6 +56,7 @@ def assert_not_running(pid_file):
         os.kill(pid, 0)
 
 
+@pytest.mark.slow
 def test_two_ranks_all_reduce_over_gloo(tmp_path):
     script = tmp_path / "all_reduce.py"
     script.write_text(ALL_REDUCE_SCRIPT)

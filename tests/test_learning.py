@@ -15,11 +15,14 @@ import torch
 
 from dinov2_repro.config import CONFIG_DIR, load_config
 from dinov2_repro.data.sample_data import landcover_tiles
-from dinov2_repro.eval.knn import images_to_tensor
+from dinov2_repro.eval.knn_classifier import images_to_tensor
 from dinov2_repro.eval.landcover import landcover_knn_report
 from dinov2_repro.train.checkpoint import last_checkpoint, load_model_state
 from dinov2_repro.train.meta_arch import SSLMetaArch
-from dinov2_repro.train.ssl import TEACHER_EXPORT, run_ssl_training
+from dinov2_repro.train.pretrain import TEACHER_EXPORT, run_ssl_training
+
+# A real training run shared by the module (minutes on 2 cores): the whole file is slow.
+pytestmark = pytest.mark.slow
 
 KNN_MARGIN = 0.05  # trained minus random-init top-1 accuracy, absolute (measured: 0.85 vs 0.60 after 100 iterations)
 ENTROPY_FLOOR = 0.5  # fraction of log(K): a collapsed teacher puts its mass on a few prototypes (-> 0)

@@ -275,6 +275,7 @@ def _dist_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> No
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_matches_single_process(tmp_path):
     mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))

@@ -264,6 +264,7 @@ def test_backend_resolver_on_cpu():
 
 
 # ---- benchmark smoke test ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_benchmark_quick_smoke(tmp_path):
     import json
     import subprocess

@@ -6,12 +6,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
 from dinov2_repro.train.checkpoint import last_checkpoint, load_model_state, read_meta
 from dinov2_repro.train.meta_arch import SSLMetaArch
 from dinov2_repro.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow  # multi-process training runs: minutes on 2 cores
 
 MICRO = [
     "student.arch=vit_micro", "crops.global_crops_size=28", "crops.local_crops_size=14", "crops.local_crops_number=2",
@@ -65,7 +68,7 @@ def test_two_ranks_then_one_rank(demo_image_folder, tmp_path):
 
     out = tmp_path / "teacher.safetensors"
     cli("export", "--checkpoint", str(sharded), "--out", str(out))
-    from dinov2_repro.export import load_backbone
+    from dinov2_repro.backbone_file import load_backbone
 
     backbone, meta = load_backbone(out)
     assert meta["arch"] == "vit_micro"

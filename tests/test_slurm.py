@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.options import LauncherOptions
-from launch.slurm import CommandJob, parse_python_command, slurm_job_info, slurm_parameters, submit_slurm
+from dinov2_repro.launch.options import LauncherOptions
+from dinov2_repro.launch.slurm import CommandJob, parse_python_command, slurm_job_info, slurm_parameters, submit_slurm
 
 # The toy "training" update, shared verbatim by the job script and the reference below.
 STEP_SRC = textwrap.dedent("""

@@ -19,7 +19,7 @@ from test_slurm import _options, _wait_done, slurm_cluster  # noqa: F401  (fixtu
 
 from dinov2_repro.train.checkpoint import last_checkpoint, load_model_state, read_meta
 from dinov2_repro.train.meta_arch import SSLMetaArch
-from launch.slurm import slurm_job_info, submit_slurm
+from dinov2_repro.launch.slurm import slurm_job_info, submit_slurm
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dinov2_repro.config import CONFIG_DIR, load_config
-from dinov2_repro.train import ssl
+from dinov2_repro.train import pretrain
 from dinov2_repro.train.checkpoint import last_checkpoint, load_model_state, read_meta
 from dinov2_repro.train.loop import NonFiniteLossError, train
 from dinov2_repro.train.meta_arch import SSLMetaArch
@@ -46,7 +46,7 @@ class _Interrupted(Exception):
 
 def _data_that_stops_after(n_batches):
     def build(cfg, start_iteration, env):
-        stream = ssl.build_ssl_data(cfg, start_iteration, env)
+        stream = pretrain.build_ssl_data(cfg, start_iteration, env)
         for index, batch in enumerate(stream):
             if start_iteration + index >= n_batches:
                 raise _Interrupted(f"simulated kill before iteration {n_batches}")
@@ -54,8 +54,8 @@ def _data_that_stops_after(n_batches):
     return build
 
 
-def _run(cfg, build_data=ssl.build_ssl_data, meta_arch=SSLMetaArch):
-    return train(cfg, build_meta_arch=meta_arch, build_data=build_data, export=ssl.export_teacher)
+def _run(cfg, build_data=pretrain.build_ssl_data, meta_arch=SSLMetaArch):
+    return train(cfg, build_meta_arch=meta_arch, build_data=build_data, export=pretrain.export_teacher)
 
 
 def _model_state(run_dir):
@@ -67,6 +67,7 @@ def _model_state(run_dir):
     return read_meta(checkpoint)["iteration"], model.state_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])
 def test_resume_is_bit_identical(image_root, tmp_path, centering):
     separate = "true" if centering == "sinkhorn_knopp" else "false"  # cover both head layouts
@@ -95,6 +96,8 @@ def test_resume_is_bit_identical(image_root, tmp_path, centering):
     assert (tmp_path / "straight" / "config.yaml").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.faults
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(image_root, tmp_path):
     class NaNAtIteration5(SSLMetaArch):
         calls = 0
@@ -116,10 +119,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(image_root, tmp_path):
     assert not (tmp_path / "run" / "export" / "teacher_backbone.safetensors").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.faults
 def test_corrupt_files_are_skipped_and_export_loads_in_timm(image_root, tmp_path):
     import shutil
 
-    from dinov2_repro.export import load_backbone, load_backbone_into_timm
+    from dinov2_repro.backbone_file import load_backbone, load_backbone_into_timm
 
     root = tmp_path / "images"
     root.mkdir()

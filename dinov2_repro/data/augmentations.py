@@ -1,4 +1,4 @@
-"""DINOv2 multi-crop augmentation for RGB images and multispectral tiles (recipe.md, "Augmentations").
+"""DINOv2 multi-crop augmentation for RGB images and multispectral tiles (the recipe is spelled out below).
 
 Input: a PIL image (converted to RGB), an (H, W, C) uint8 numpy array, a uint8 tensor (C, H, W),
 or a float tensor (C, H, W) already scaled to [0, 1] per band (GeoTIFF tiles, any band count).

@@ -3,8 +3,13 @@
 - ``ImageFolder:root=DIR[:extensions=jpg,png][:labels=subdirs|none]``: every image under DIR
   (recursive, sorted), read with PIL as RGB. Labels: index of the first-level subfolder
   (``labels=subdirs``) or -1 (default ``none``).
+- ``Sample:[tile=56][:root=DIR]``: the images that installed data packages ship (Landsat-7
+  true-colour tiles, the RMNP scene, scikit-image photos; ``dinov2_repro.data.sample_data``),
+  cut into ``tile`` px PNGs once under ``root`` (default ``$DINOV2_REPRO_CACHE`` or
+  ``~/.cache/dinov2_repro``, in ``sample_images_<tile>``) and read as an ImageFolder. Needs no
+  dataset on disk: the tiny CPU recipe's default.
 - ``Manifest:path=FILE.jsonl[:scale=...][:percentiles=2,98]``: the curation manifest
-  (architecture.md). Rows with ``window`` or ``bands``, or a GeoTIFF path (.tif/.tiff/.vrt/.jp2), are
+  (format in ``dinov2_repro.io.manifest``). Rows with ``window`` or ``bands``, or a GeoTIFF path (.tif/.tiff/.vrt/.jp2), are
   read through rasterio; other rows with PIL. Relative paths are relative to the manifest's folder.
   ``label`` may be an int or a class name (names map to indices in sorted order); missing = -1.
   ``.parquet`` manifests need pyarrow.
@@ -16,18 +21,16 @@ Raster items are float tensors (C, H, W) in [0, 1] for ANY band count, 3 include
 are not necessarily RGB, and keeping one item type per dataset keeps batches stackable.
 PIL items are RGB images. DataAugmentationDINO accepts both.
 
-Raster scaling (``scale``): ``percentile`` (default) maps each band's robust range, the
-``percentiles`` of the scene's valid pixels computed once per scene (on a read decimated to at
-most 1024 px per side), to [0, 1] and clips; ``LOW,HIGH`` uses one fixed range for all bands;
-``L1,H1,L2,H2,...`` gives one range per selected band. Nodata pixels (the file's nodata value or
-NaN) become 0 after scaling.
+Raster scaling follows the one policy of :mod:`dinov2_repro.io.raster` (shared with curation):
+``scale=percentile`` (default) maps each band's 2-98 ``percentiles`` of the scene's valid pixels to
+[0, 1] and clips; ``LOW,HIGH`` uses one fixed range for all bands; ``L1,H1,L2,H2,...`` gives one
+range per selected band. Nodata pixels become 0 after scaling.
 
 Unreadable files raise from ``__getitem__`` (the loader's wrapper skips and counts them); a missing
 root or an empty dataset raises at construction, naming the path.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -39,11 +42,22 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-logger = logging.getLogger("dinov2_repro.data")
+from ..io.files import GEOTIFF_SUFFIXES, IMAGE_EXTENSIONS, is_image_file
+from ..io.manifest import read_manifest, resolve_row_path
+from ..io.raster import (
+    RasterScaling,
+    RowPixels,
+    band_count,
+    check_bands,
+    is_raster_row,
+    read_decimated,
+    read_pil_rgb,
+    parse_float_list,
+    read_window,
+    tile_windows,
+)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff")
-RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2")
-_STATS_MAX_SIDE = 1024
+logger = logging.getLogger("dinov2_repro.data")
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -65,112 +79,6 @@ def _int_list(text: str, *, what: str) -> list[int]:
         raise ValueError(f"{what}: expected comma-separated integers, got {text!r}") from None
 
 
-def _float_list(text: str, *, what: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{what}: expected comma-separated numbers, got {text!r}") from None
-
-
-def read_pil_rgb(path: str | os.PathLike) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()  # decode now so a truncated file fails here, inside the caller's error handling
-        return image.convert("RGB")
-
-
-# --------------------------------------------------------------------------------------------- rasters
-class RasterScaling:
-    """How raster bands are mapped to [0, 1]: per-scene percentiles or fixed ranges."""
-
-    def __init__(self, *, scale: str = "percentile", percentiles: tuple[float, float] = (2.0, 98.0)) -> None:
-        self.percentiles = tuple(float(p) for p in percentiles)
-        if not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
-            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles}")
-        self.fixed: np.ndarray | None = None
-        if scale != "percentile":
-            values = _float_list(scale, what="scale")
-            if len(values) < 2 or len(values) % 2:
-                raise ValueError(f"scale: expected 'percentile', 'LOW,HIGH' or per-band pairs, got {scale!r}")
-            self.fixed = np.asarray(values, dtype=np.float64).reshape(-1, 2)
-            if np.any(self.fixed[:, 1] <= self.fixed[:, 0]):
-                raise ValueError(f"scale: every HIGH must exceed its LOW, got {scale!r}")
-
-    def ranges(self, path: str, bands: list[int], decimated: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-        """(len(bands), 2) array of [low, high] per band; ``decimated`` reuses a read_decimated result."""
-        if self.fixed is not None:
-            if len(self.fixed) == 1:
-                return np.repeat(self.fixed, len(bands), axis=0)
-            if len(self.fixed) != len(bands):
-                raise ValueError(f"scale gives {len(self.fixed)} ranges but {path} is read with {len(bands)} bands")
-            return self.fixed
-        data, valid = decimated if decimated is not None else read_decimated(path, bands)
-        ranges = np.zeros((len(bands), 2))
-        for b in range(len(bands)):
-            values = data[b][valid[b]]
-            if values.size == 0:
-                raise ValueError(f"{path}: band {bands[b]} has no valid (non-nodata) pixels")
-            low, high = np.percentile(values, self.percentiles)
-            ranges[b] = (low, high if high > low else low + 1.0)
-        return ranges
-
-
-def _valid_mask(data: np.ndarray, nodatavals: tuple, bands: list[int]) -> np.ndarray:
-    valid = np.isfinite(data)
-    for b, band in enumerate(bands):
-        nodata = nodatavals[band - 1]
-        if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
-            valid[b] &= data[b] != nodata
-    return valid
-
-
-def read_decimated(path: str, bands: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """A read of the whole scene shrunk to at most 1024 px per side (for statistics): (data, valid)."""
-    import rasterio
-
-    with rasterio.open(path) as src:
-        factor = max(1, math.ceil(max(src.height, src.width) / _STATS_MAX_SIDE))
-        shape = (len(bands), math.ceil(src.height / factor), math.ceil(src.width / factor))
-        data = src.read(bands, out_shape=shape).astype(np.float64)
-        return data, _valid_mask(data, src.nodatavals, bands)
-
-
-def read_raster(path: str, bands: list[int] | None, window: list[int] | None, ranges: np.ndarray) -> torch.Tensor:
-    """Windowed read ([col_off, row_off, width, height]) scaled to a float (C, H, W) tensor in [0, 1]."""
-    import rasterio
-    from rasterio.windows import Window
-
-    with rasterio.open(path) as src:
-        bands = bands or list(range(1, src.count + 1))
-        win = Window(*window) if window is not None else None
-        inside = win is None or (win.col_off >= 0 and win.row_off >= 0 and win.col_off + win.width <= src.width and win.row_off + win.height <= src.height)
-        data = src.read(bands, window=win, boundless=not inside, masked=False).astype(np.float64)
-        valid = _valid_mask(data, src.nodatavals, bands)
-        if not inside:
-            # Pixels outside the scene are nodata even when the file declares no nodata value.
-            outside = src.read_masks(bands, window=win, boundless=True) == 0
-            valid &= ~outside
-    low, high = ranges[:, 0, None, None], ranges[:, 1, None, None]
-    scaled = np.clip((data - low) / (high - low), 0.0, 1.0)
-    scaled[~valid] = 0.0
-    return torch.from_numpy(scaled.astype(np.float32))
-
-
-def _raster_band_count(path: str) -> int:
-    import rasterio
-
-    with rasterio.open(path) as src:
-        return src.count
-
-
-def _check_bands(path: str, bands: list[int] | None, count: int) -> list[int]:
-    if bands is None:
-        return list(range(1, count + 1))
-    bad = [b for b in bands if not 1 <= b <= count]
-    if bad:
-        raise ValueError(f"bands={bands}: {path} has {count} bands (1-based indexes), invalid: {bad}")
-    return list(bands)
-
-
 # --------------------------------------------------------------------------------------------- datasets
 class ImageFolderDataset(Dataset):
     def __init__(self, *, root: str | os.PathLike, extensions: tuple[str, ...] = IMAGE_EXTENSIONS, labels: str = "none") -> None:
@@ -179,13 +87,13 @@ class ImageFolderDataset(Dataset):
             raise FileNotFoundError(f"ImageFolder: root {self.root} does not exist or is not a folder")
         if labels not in ("none", "subdirs"):
             raise ValueError(f"ImageFolder: labels must be 'none' or 'subdirs', got {labels!r}")
-        suffixes = {"." + e.lower().lstrip(".") for e in extensions}
         files: list[Path] = []
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files.extend(Path(dirpath) / f for f in sorted(filenames) if Path(f).suffix.lower() in suffixes and not f.startswith("."))
+            files.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f, extensions))
         if not files:
-            raise ValueError(f"ImageFolder: no images with extensions {sorted(suffixes)} under {self.root}")
+            suffixes = sorted("." + e.lower().lstrip(".") for e in extensions)
+            raise ValueError(f"ImageFolder: no images with extensions {suffixes} under {self.root}")
         self.files = files
         if labels == "subdirs":
             top = [f.relative_to(self.root).parts for f in files]
@@ -209,41 +117,17 @@ class ImageFolderDataset(Dataset):
         return read_pil_rgb(self.files[index]), self.labels[index]
 
 
-def _read_manifest_rows(path: Path) -> list[dict[str, Any]]:
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ImportError(f"Manifest {path}: reading Parquet needs pyarrow (pip install pyarrow), or use JSONL") from None
-        return pq.read_table(path).to_pylist()
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"Manifest {path}:{line_number}: invalid JSON ({error})") from None
-            if not isinstance(row, dict) or not row.get("path"):
-                raise ValueError(f"Manifest {path}:{line_number}: each row needs a non-empty 'path'")
-            rows.append(row)
-    return rows
-
-
 class ManifestDataset(Dataset):
     def __init__(self, *, path: str | os.PathLike, scaling: RasterScaling | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"Manifest: file {self.path} does not exist")
-        rows = _read_manifest_rows(self.path)
+        rows = read_manifest(self.path)
         if not rows:
             raise ValueError(f"Manifest {self.path} has no rows")
-        base = self.path.parent
         self.rows = rows
-        self.paths = [str(p if Path(p).is_absolute() else base / p) for p in (r["path"] for r in rows)]
-        self.scaling = scaling or RasterScaling()
-        self._ranges: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}  # per-process cache: one stats read per scene
+        self.paths = [str(resolve_row_path(row, self.path.parent)) for row in rows]
+        self.pixels = RowPixels(scaling=scaling)  # the shared scaling policy, with its per-scene cache
         raw = [r.get("label") for r in rows]
         names = {v for v in raw if isinstance(v, str)}
         if names and any(isinstance(v, (int, float)) for v in raw):
@@ -256,8 +140,7 @@ class ManifestDataset(Dataset):
         return len(self.rows)
 
     def is_raster(self, index: int) -> bool:
-        row = self.rows[index]
-        return "window" in row or "bands" in row or Path(self.paths[index]).suffix.lower() in RASTER_SUFFIXES
+        return is_raster_row(self.rows[index], self.paths[index])
 
     def describe(self, index: int) -> str:
         window = self.rows[index].get("window")
@@ -267,11 +150,7 @@ class ManifestDataset(Dataset):
         path, row = self.paths[index], self.rows[index]
         if not self.is_raster(index):
             return read_pil_rgb(path), self.labels[index]
-        bands = _check_bands(path, row.get("bands"), _raster_band_count(path))
-        key = (path, tuple(bands))
-        if key not in self._ranges:
-            self._ranges[key] = self.scaling.ranges(path, bands)
-        return read_raster(path, bands, row.get("window"), self._ranges[key]), self.labels[index]
+        return torch.from_numpy(self.pixels.raster(row, path)), self.labels[index]
 
 
 class GeoTiffDataset(Dataset):
@@ -292,7 +171,7 @@ class GeoTiffDataset(Dataset):
             raise ValueError(f"GeoTiff: tile and stride must be > 0, got tile={tile} stride={stride}")
         self.tile, self.stride = int(tile), int(stride or tile)
         self.scaling = scaling or RasterScaling()
-        scenes = [self.root] if self.root.is_file() else sorted(p for p in self.root.rglob("*") if p.suffix.lower() in (".tif", ".tiff"))
+        scenes = [self.root] if self.root.is_file() else sorted(p for p in self.root.rglob("*") if p.suffix.lower() in GEOTIFF_SUFFIXES)
         if not scenes:
             raise ValueError(f"GeoTiff: no .tif/.tiff files under {self.root}")
         self.scenes: list[str] = []
@@ -300,18 +179,18 @@ class GeoTiffDataset(Dataset):
         self.scene_ranges: list[np.ndarray] = []
         self.bad_files: list[str] = []
         self.tiles: list[tuple[int, int, int]] = []  # (scene, col_off, row_off)
-        band_count = None
+        first_count = None
         for scene in scenes:
             try:
-                count = _raster_band_count(str(scene))
+                count = band_count(str(scene))
             except Exception as error:  # unreadable scene: skip it, the run goes on
                 logger.warning("GeoTiff: skipping unreadable scene %s (%s)", scene, error)
                 self.bad_files.append(str(scene))
                 continue
-            scene_bands = _check_bands(str(scene), bands, count)
-            if band_count is not None and len(scene_bands) != band_count:
-                raise ValueError(f"GeoTiff: {scene} gives {len(scene_bands)} bands, earlier scenes {band_count}; pass bands=...")
-            band_count = len(scene_bands)
+            scene_bands = check_bands(str(scene), bands, count)
+            if first_count is not None and len(scene_bands) != first_count:
+                raise ValueError(f"GeoTiff: {scene} gives {len(scene_bands)} bands, earlier scenes {first_count}; pass bands=...")
+            first_count = len(scene_bands)
             try:
                 data, valid = read_decimated(str(scene), scene_bands)
                 ranges = self.scaling.ranges(str(scene), scene_bands, (data, valid))
@@ -338,13 +217,12 @@ class GeoTiffDataset(Dataset):
         # Integral image of nodata pixels in the decimated grid: each tile's nodata fraction in O(1).
         integral = np.pad((~valid).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
         keep = []
-        for row in range(0, height - self.tile + 1, self.stride):
-            for col in range(0, width - self.tile + 1, self.stride):
-                r0, r1 = int(row / fy), max(int(row / fy) + 1, int(math.ceil((row + self.tile) / fy)))
-                c0, c1 = int(col / fx), max(int(col / fx) + 1, int(math.ceil((col + self.tile) / fx)))
-                bad = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
-                if bad / ((r1 - r0) * (c1 - c0)) <= max_nodata:
-                    keep.append((col, row))
+        for col, row, _, _ in tile_windows(width, height, self.tile, self.stride):
+            r0, r1 = int(row / fy), max(int(row / fy) + 1, int(math.ceil((row + self.tile) / fy)))
+            c0, c1 = int(col / fx), max(int(col / fx) + 1, int(math.ceil((col + self.tile) / fx)))
+            bad = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
+            if bad / ((r1 - r0) * (c1 - c0)) <= max_nodata:
+                keep.append((col, row))
         return keep
 
     def __len__(self) -> int:
@@ -359,11 +237,12 @@ class GeoTiffDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         scene = self.tiles[index][0]
-        return read_raster(self.scenes[scene], self.scene_bands[scene], self.window(index), self.scene_ranges[scene]), -1
+        pixels = read_window(self.scenes[scene], self.scene_bands[scene], self.window(index), self.scene_ranges[scene])
+        return torch.from_numpy(pixels), -1
 
 
 def _scaling(options: dict[str, str]) -> RasterScaling:
-    percentiles = _float_list(options.pop("percentiles", "2,98"), what="percentiles")
+    percentiles = parse_float_list(options.pop("percentiles", "2,98"), what="percentiles")
     if len(percentiles) != 2:
         raise ValueError(f"percentiles: expected LOW,HIGH, got {percentiles}")
     return RasterScaling(scale=options.pop("scale", "percentile"), percentiles=(percentiles[0], percentiles[1]))
@@ -379,6 +258,11 @@ def _int_option(options: dict[str, str], key: str, default: int | None, spec: st
         raise ValueError(f"dataset spec {spec!r}: {key} must be an integer, got {value!r}") from None
 
 
+def sample_cache_dir() -> Path:
+    """Where ``Sample:`` builds its images: $DINOV2_REPRO_CACHE, else ~/.cache/dinov2_repro."""
+    return Path(os.environ.get("DINOV2_REPRO_CACHE") or Path.home() / ".cache" / "dinov2_repro")
+
+
 def build_dataset(spec: str) -> Dataset:
     """Build a dataset from ``Name:key=value:...`` (see the module docstring for names and keys)."""
     name, options = parse_spec(spec)
@@ -387,6 +271,12 @@ def build_dataset(spec: str) -> Dataset:
             raise ValueError(f"dataset spec {spec!r}: ImageFolder needs root=DIR")
         extensions = tuple(options.pop("extensions", ",".join(IMAGE_EXTENSIONS)).split(","))
         dataset: Dataset = ImageFolderDataset(root=options.pop("root"), extensions=extensions, labels=options.pop("labels", "none"))
+    elif name == "Sample":
+        tile = _int_option(options, "tile", 56, spec)
+        root = Path(options.pop("root")) if "root" in options else sample_cache_dir() / f"sample_images_{tile}"
+        from .sample_data import write_demo_image_folder
+
+        dataset = ImageFolderDataset(root=write_demo_image_folder(root, tile=tile))
     elif name == "Manifest":
         if "path" not in options:
             raise ValueError(f"dataset spec {spec!r}: Manifest needs path=FILE")
@@ -404,7 +294,7 @@ def build_dataset(spec: str) -> Dataset:
             max_nodata=float(options.pop("max_nodata", "0.5")),
         )
     else:
-        raise ValueError(f"dataset spec {spec!r}: unknown dataset {name!r} (ImageFolder, Manifest, GeoTiff)")
+        raise ValueError(f"dataset spec {spec!r}: unknown dataset {name!r} (ImageFolder, Sample, Manifest, GeoTiff)")
     if options:
         raise ValueError(f"dataset spec {spec!r}: unknown keys {sorted(options)} for {name}")
     return dataset

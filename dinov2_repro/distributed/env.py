@@ -6,7 +6,7 @@ Sources, in order of precedence (``detect_env``):
    SLURM_NTASKS_PER_NODE or SLURM_TASKS_PER_NODE, the first host of the step/job node
    list as master address and a master port derived from SLURM_JOB_ID (every task of
    the job computes the same one without talking to the others).
-2. **torchrun** (or ``launch.local.run_local``): RANK, WORLD_SIZE, LOCAL_RANK,
+2. **torchrun** (or ``dinov2_repro.launch.local.run_local``): RANK, WORLD_SIZE, LOCAL_RANK,
    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
 3. **single** process.
 
@@ -23,15 +23,14 @@ import dataclasses
 import datetime
 import logging
 import os
-import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Literal, Mapping
 
 import torch
 import torch.distributed as dist
+
+from .slurm_nodes import expand_tasks_per_node, first_host, parse_nodelist  # noqa: F401  (re-exported)
 
 Source = Literal["slurm", "torchrun", "single"]
 
@@ -71,83 +70,6 @@ def _int_var(environ: Mapping[str, str], key: str, default: int | None = None) -
         return int(raw)
     except ValueError:
         raise ValueError(f"environment variable {key}={raw!r} is not an integer") from None
-
-
-def expand_tasks_per_node(spec: str) -> list[int]:
-    """Expand Slurm's compressed per-node task counts, e.g. ``"2(x3),1"`` -> [2, 2, 2, 1]."""
-    counts: list[int] = []
-    for part in spec.split(","):
-        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
-        if match is None:
-            raise ValueError(f"cannot parse SLURM_TASKS_PER_NODE={spec!r} (part {part!r})")
-        counts.extend([int(match.group(1))] * int(match.group(2) or 1))
-    return counts
-
-
-def _split_top_level(nodelist: str) -> list[str]:
-    """Split on commas that are not inside brackets: ``a[1,3],b`` -> [``a[1,3]``, ``b``]."""
-    parts, depth, start = [], 0, 0
-    for i, char in enumerate(nodelist):
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-            if depth < 0:
-                raise ValueError(f"unbalanced ']' in node list {nodelist!r}")
-        elif char == "," and depth == 0:
-            parts.append(nodelist[start:i])
-            start = i + 1
-    if depth != 0:
-        raise ValueError(f"unbalanced '[' in node list {nodelist!r}")
-    parts.append(nodelist[start:])
-    return [p for p in parts if p]
-
-
-def _expand_range_list(ranges: str, nodelist: str) -> list[str]:
-    values: list[str] = []
-    for item in ranges.split(","):
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item.strip())
-        if match is None:
-            raise ValueError(f"cannot parse range {item!r} in node list {nodelist!r}")
-        low, high = match.group(1), match.group(2)
-        if high is None:
-            values.append(low)
-            continue
-        if int(high) < int(low):
-            raise ValueError(f"descending range {item!r} in node list {nodelist!r}")
-        # Zero padding follows the lower bound, as Slurm writes it: node[08-10].
-        values.extend(f"{n:0{len(low)}d}" for n in range(int(low), int(high) + 1))
-    return values
-
-
-def parse_nodelist(nodelist: str) -> list[str]:
-    """Host names of a Slurm node list such as ``gpu[01-03,07],cpu-a[1-2]x[5-6],login``."""
-    hosts: list[str] = []
-    for group in _split_top_level(nodelist.strip()):
-        names = [""]
-        for literal, ranges in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", group):
-            names = [n + literal for n in names]
-            if ranges:
-                names = [n + v for n in names for v in _expand_range_list(ranges, nodelist)]
-        hosts.extend(names)
-    if not hosts:
-        raise ValueError(f"empty Slurm node list {nodelist!r}")
-    return hosts
-
-
-def first_host(nodelist: str) -> str:
-    """First host of a node list: the parser, else ``scontrol show hostnames`` for forms it does not know."""
-    try:
-        return parse_nodelist(nodelist)[0]
-    except ValueError as parse_error:
-        scontrol = shutil.which("scontrol")
-        if scontrol is None:
-            raise
-        result = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
-        lines = result.stdout.split()
-        if result.returncode != 0 or not lines:
-            raise ValueError(f"cannot expand Slurm node list {nodelist!r}: {parse_error}; scontrol: {result.stderr.strip()}") from None
-        return lines[0]
 
 
 def slurm_master_port(job_id: int) -> int:
@@ -233,11 +155,12 @@ def choose_backend(*, cuda_available: bool) -> str:
     return "nccl" if cuda_available else "gloo"
 
 
-def _free_port() -> int:
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the OS picks it): the rendezvous port of a new job."""
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -269,7 +192,7 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = DEFAULT_T
     cuda = torch.cuda.is_available()
     backend = backend or choose_backend(cuda_available=cuda)
     if env.master_port == 0:
-        env = dataclasses.replace(env, master_port=_free_port())
+        env = dataclasses.replace(env, master_port=find_free_port())
     os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
                        "LOCAL_WORLD_SIZE": str(env.local_world_size), "MASTER_ADDR": env.master_addr,
                        "MASTER_PORT": str(env.master_port)})

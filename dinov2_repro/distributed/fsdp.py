@@ -18,10 +18,10 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
+from ..device import DTYPES
 from .env import DistributedEnv
 
 logger = logging.getLogger("dinov2_repro")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _policy(section: DictConfig | None, all_fp32: bool):
@@ -29,7 +29,7 @@ def _policy(section: DictConfig | None, all_fp32: bool):
 
     if all_fp32 or section is None:
         return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy(param_dtype=_DTYPES[section.param_dtype], reduce_dtype=_DTYPES[section.reduce_dtype])
+    return MixedPrecisionPolicy(param_dtype=DTYPES[section.param_dtype], reduce_dtype=DTYPES[section.reduce_dtype])
 
 
 def block_groups(blocks: nn.ModuleList, chunks: int) -> list[list[nn.Module]]:

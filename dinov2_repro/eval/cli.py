@@ -4,19 +4,18 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
-from ..config import atomic_write_text
-from ..export import load_backbone
-from .knn import extract_features, knn_predict
+if TYPE_CHECKING:  # torch is imported when a task runs, not when the CLI is built
+    import torch
 
 
 def _dataset_tensors(spec: str, *, size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of a labelled dataset, resized to ``size`` and normalised."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
     from ..data import build_dataset
 
     dataset = build_dataset(spec)
@@ -35,6 +34,9 @@ def _dataset_tensors(spec: str, *, size: int, mean: Sequence[float], std: Sequen
 
 
 def run_knn(args: argparse.Namespace) -> dict:
+    from ..backbone_file import load_backbone
+    from .knn_classifier import extract_features, knn_predict
+
     model, meta = load_backbone(args.backbone)
     size = args.size or int(meta["img_size"])
     train_x, train_y = _dataset_tensors(args.train, size=size, mean=meta["mean"], std=meta["std"])
@@ -52,12 +54,14 @@ def run_landcover(args: argparse.Namespace) -> dict:
             **landcover_knn_report(args.backbone, size=args.size or None, k=args.k)}
 
 
-def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dinov2-repro eval", description=__doc__)
-    sub = parser.add_subparsers(dest="task", required=True)
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="frozen-backbone evaluations: knn, landcover",
+                                   description="Frozen-backbone evaluations of an exported backbone.")
+    parser.set_defaults(help_parser=parser)  # `dinov2-repro eval` alone prints this parser's help
+    tasks = parser.add_subparsers(dest="task", metavar="TASK", title="tasks")
     for task, text in (("knn", "weighted kNN top-1 on labelled datasets"),
                        ("landcover", "kNN on the shipped Landsat land-cover tiles vs random init")):
-        p = sub.add_parser(task, help=text)
+        p = tasks.add_parser(task, help=text, description=text)
         p.add_argument("--backbone", required=True, type=Path, help="a backbone .safetensors export")
         p.add_argument("--k", type=int, default=20)
         p.add_argument("--size", type=int, default=0, help="input size in px (default: the export's img_size)")
@@ -66,10 +70,22 @@ def main(argv: Sequence[str]) -> int:
             p.add_argument("--train", required=True, help="labelled dataset spec, e.g. ImageFolder:root=D:labels=subdirs")
             p.add_argument("--val", required=True, help="labelled dataset spec")
             p.add_argument("--temperature", type=float, default=0.07)
-    args = parser.parse_args(list(argv))
+        p.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..io.files import atomic_write_text
+
     result = run_knn(args) if args.task == "knn" else run_landcover(args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         atomic_write_text(args.out, text + "\n")
     return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """``dinov2-repro eval ARGS`` (kept for callers that pass the eval arguments alone)."""
+    from ..cli import main as cli_main
+
+    return cli_main(["eval", *argv])

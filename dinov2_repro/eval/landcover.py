@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from ..data.sample_data import landcover_tiles
-from ..export import load_backbone, model_kwargs_from_metadata
+from ..backbone_file import load_backbone, model_kwargs_from_metadata
 from ..models import DinoVisionTransformer
-from .knn import images_to_tensor, knn_accuracy
+from .knn_classifier import images_to_tensor, knn_accuracy
 
 
 def landcover_knn_report(export_path: str | Path, *, size: int | None = None, k: int = 20, seed: int = 0) -> dict[str, Any]:

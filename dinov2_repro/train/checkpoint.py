@@ -25,7 +25,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
 
-from ..config import atomic_write_text
+from ..distributed.env import barrier
+from ..io.files import atomic_write_text
 
 logger = logging.getLogger("dinov2_repro")
 POINTER = "last"
@@ -64,11 +65,6 @@ def _single_process_quiet():
         yield
 
 
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
 def save_checkpoint(run_dir: str | os.PathLike, iteration: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     meta: dict[str, Any], rank: int = 0, keep_last: int = 3) -> Path:
     """Collective: every rank calls it. ``iteration`` is the number of finished iterations."""
@@ -79,21 +75,21 @@ def save_checkpoint(run_dir: str | os.PathLike, iteration: int, *, model: nn.Mod
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    _barrier()
+    barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     with _single_process_quiet():
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         torch.save({**meta, "iteration": iteration}, tmp / META_FILE)
-    _barrier()
+    barrier()
     if rank == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         atomic_write_text(root / POINTER, final.name + "\n")
         _prune(root, keep_last)
-    _barrier()
+    barrier()
     return final
 
 

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..config import save_config
+from ..device import dtype_from_name, resolve_device  # noqa: F401  (resolve_device: importable from here too)
 from ..distributed import DistributedEnv, detect_env, init_distributed, setup_rank_logging
 from .checkpoint import last_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .metrics import MetricsWriter, format_eta
@@ -35,30 +36,14 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the run stops and leaves the last good checkpoint intact."""
 
 
-def resolve_device(name: str, env: DistributedEnv | None = None) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but CUDA is not available")
-        return torch.device("cuda", env.local_rank if env else 0)
-    if name != "cpu":
-        raise ValueError(f"train.device {name!r} unknown; choose auto, cpu or cuda")
-    return torch.device("cpu")
-
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def autocast_for(cfg: DictConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     dtype_name = cfg.compute_precision.param_dtype
-    if dtype_name not in _DTYPES:
-        raise ValueError(f"compute_precision.param_dtype {dtype_name!r} unknown; choose bf16, fp16 or fp32")
+    dtype = dtype_from_name(dtype_name)
     if dtype_name == "fp16" and device.type != "cuda":
         raise ValueError("compute_precision.param_dtype=fp16 needs CUDA; use bf16 on CPU")
     if dtype_name == "fp32":
         return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=_DTYPES[dtype_name])
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _clip_gradients(module: nn.Module, max_norm: float) -> float:

@@ -155,7 +155,7 @@ class SSLMetaArch(nn.Module):
             cls_logits, patch_logits = logits[: cls_tokens.shape[0]], logits[cls_tokens.shape[0]:]
         cls_logits = cls_logits.float().reshape(2 + n_local, batch_size, -1)
 
-        # 2 swapped global terms + n_local x 2 local terms, averaged over the terms (recipe.md).
+        # 2 swapped global terms + n_local x 2 local terms, averaged over the terms, as DINOv2 does.
         n_terms = 2 + 2 * n_local
         dino_global = self.dino_loss(cls_logits[:2], dino_probs, ignore_diagonal=True)
         dino_local = self.dino_loss(cls_logits[2:], dino_probs) if n_local else cls_logits.sum() * 0

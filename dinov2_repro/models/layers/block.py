@@ -1,6 +1,6 @@
 """Transformer block over packed sequences, with efficient stochastic depth.
 
-Efficient stochastic depth (recipe.md): per block and per residual branch, pick a random
+Efficient stochastic depth (DINOv2's variant): per block and per residual branch, pick a random
 subset of ``max(int((1 - d) * n), 1)`` sequences in each run of ``n`` equal-length
 sequences, compute the branch for that subset only, and add it back scaled by
 ``n / subset``. The expectation equals the undropped branch, and the skipped sequences cost

@@ -12,7 +12,7 @@ from torch import nn
 from ..data import DataAugmentationDINO, MaskingGenerator, build_dataset, collate_data_and_cast, make_data_loader
 from ..distributed import DistributedEnv
 from ..distributed.fsdp import full_state_dict
-from ..export import save_backbone
+from ..backbone_file import save_backbone
 from .initialize import init_from_pretrained
 from .loop import train
 from .meta_arch import SSLMetaArch, build_backbone
@@ -34,6 +34,18 @@ def build_ssl_transform(cfg: DictConfig) -> DataAugmentationDINO:
     )
 
 
+def _build_train_dataset(spec: str):
+    """The dataset of ``train.dataset_path``; a bad spec or a missing path becomes a ConfigError
+    naming the key (the CLI prints it as one line)."""
+    from ..config import ConfigError
+
+    try:
+        return build_dataset(spec)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as err:
+        raise ConfigError(f"train.dataset_path={spec!r}: {err}. Point train.dataset_path at existing data "
+                          f"(e.g. Sample:tile=56 for the images shipped with the install)") from err
+
+
 def build_ssl_data(cfg: DictConfig, start_iteration: int, env: DistributedEnv) -> Iterator[dict[str, Any]]:
     patch = cfg.student.patch_size
     if cfg.crops.global_crops_size % patch or cfg.crops.local_crops_size % patch:
@@ -50,7 +62,7 @@ def build_ssl_data(cfg: DictConfig, start_iteration: int, env: DistributedEnv) -
     )
     batch_size = cfg.train.batch_size_per_gpu
     loader = make_data_loader(
-        dataset=build_dataset(cfg.train.dataset_path), transform=build_ssl_transform(cfg), collate_fn=collate,
+        dataset=_build_train_dataset(cfg.train.dataset_path), transform=build_ssl_transform(cfg), collate_fn=collate,
         batch_size=batch_size, num_workers=cfg.train.num_workers, seed=cfg.train.seed, rank=env.rank,
         world_size=env.world_size, start_sample=start_iteration * batch_size,
     )

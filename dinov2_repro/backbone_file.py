@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .io.files import atomic_output
 from .models import DinoVisionTransformer
 from .models.layers.ffn import swiglu_hidden_dim
 from .models.registry import _ARCHS, build_vit
@@ -250,16 +250,8 @@ def save_backbone(
     meta.update(extra_metadata or {})
     # safetensors refuses shared or strided storage: give it contiguous CPU copies.
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in to_timm_state_dict(model).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, tmp, metadata=_encode_metadata(meta))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=_encode_metadata(meta))
     return path
 
 
