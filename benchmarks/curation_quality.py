@@ -213,6 +213,7 @@ def evaluate(result_file: str | Path, truth: dict) -> dict:
     false_edges = [(a, b, round(float(s), 4)) for (a, b), v, s in edges if v and (a, b) not in planted]
     return {"pool": n, "tiles": truth["num_tiles"], "planted": len(planted), "candidates": len(cand),
             "verified_edges": all_edges, "pair_precision": _frac(true_edges, all_edges),
+            "candidate_precision": _frac(sum(1 for p, _, _ in edges if p in planted), len(edges)),
             "pair_precision_required_kinds": _frac(sum(1 for p, _ in req_edges if p in planted), len(req_edges)),
             "pair_recall_required_kinds": _frac(sum(1 for p in required if (labels[p[0]] == labels[p[1]])), len(required)),
             "per_kind": per_kind, "unique_images": len(unique), "unique_removed": len(removed_unique),
