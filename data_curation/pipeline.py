@@ -207,9 +207,11 @@ def stage_dedup(cfg: DictConfig) -> Path:
     self_keep, labels = self_dedup(n, src, dst, priority, active=geo_keep)
     removed_fraction = float((geo_keep & ~self_keep).sum()) / max(int(geo_keep.sum()), 1)
     if removed_fraction > cfg.dedup.max_removed_fraction:
-        raise ValueError(f"dedup: self-dedup at dedup.threshold={cfg.dedup.threshold} would remove {removed_fraction:.0%} of the pool "
-                         f"(> dedup.max_removed_fraction={cfg.dedup.max_removed_fraction}); the embedder is probably "
-                         f"under-trained or the threshold too low for it")
+        at = (f"dedup.verify.threshold={verification['summary']['verify_threshold']:.3f} "
+              f"({verification['summary']['verify_threshold_source']})" if verification else f"dedup.threshold={cfg.dedup.threshold}")
+        raise ValueError(f"dedup: self-dedup at {at} would remove {removed_fraction:.0%} of the pool "
+                         f"(> dedup.max_removed_fraction={cfg.dedup.max_removed_fraction}); the threshold is too low for "
+                         f"this pool (or the pool really is mostly copies: raise max_removed_fraction)")
     # 3. relative: pool components (at the stricter threshold) that touch a reference image.
     touched = np.zeros(n, bool)
     touched_by: dict[int, str] = {}
