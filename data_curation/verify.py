@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -225,9 +225,3 @@ def verify_images(a: np.ndarray, b: np.ndarray, params: VerifyParams | None = No
     with single_thread():
         return align(prepare(a, params), prepare(b, params), params)
 
-
-def pair_scores_for(images: Sequence[np.ndarray], pairs: Sequence[tuple[int, int]], params: VerifyParams) -> np.ndarray:
-    """Scores of index pairs into an in-memory image list."""
-    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-    scores, _ = verify_pairs(pairs[:, 0], pairs[:, 1], lambda i: images[i], params)
-    return scores
