@@ -37,6 +37,33 @@ def candidate_pairs(scores: np.ndarray, ids: np.ndarray, *, k: int, threshold: f
     return pairs[:, 0], pairs[:, 1], s[first]
 
 
+def _verify_chunk(job: tuple) -> list:
+    """Worker: alignments of one chunk of pairs (rows holds only the rows the chunk needs)."""
+    rows, manifest_dir, bands, params, src, dst = job
+    _, alignments = verify_pairs(src, dst, lambda i: load_row_image(rows[i], manifest_dir, bands), params)
+    return alignments
+
+
+def verify_rows(src: np.ndarray, dst: np.ndarray, rows: Sequence[dict], manifest_dir: Path, bands: Sequence[int] | None,
+                params: VerifyParams, *, workers: int = 1, chunk: int = 512) -> tuple[np.ndarray, list]:
+    """verify_pairs over manifest rows, split over ``workers`` spawned processes when there are
+    enough pairs to pay for starting them (each pair runs single-threaded)."""
+    if workers <= 1 or len(src) < 4 * chunk:
+        return verify_pairs(src, dst, row_loader(rows, manifest_dir, bands), params)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = []
+    for start in range(0, len(src), chunk):
+        s, d = src[start : start + chunk], dst[start : start + chunk]
+        needed = {int(i): rows[int(i)] for i in np.unique(np.concatenate([s, d]))}
+        jobs.append((needed, manifest_dir, bands, params, s, d))
+    # Spawned, never forked: faiss/torch OpenMP state does not survive fork.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        alignments = [a for part in pool.map(_verify_chunk, jobs) for a in part]
+    return np.array([a.score for a in alignments], dtype=np.float64), alignments
+
+
 def row_loader(rows: Sequence[dict], manifest_dir: Path, bands: Sequence[int] | None) -> Callable[[int], np.ndarray]:
     return lambda i: load_row_image(rows[i], manifest_dir, bands)
 
@@ -88,7 +115,8 @@ def verified_edges(cfg: DictConfig, rows: Sequence[dict], manifest_dir: Path, sc
     cand_t = float(section.candidate_threshold) if not need_candidate else float(calibration.get("candidate_threshold", -1.0))
     src, dst, cos = candidate_pairs(scores, ids, k=int(section.k), threshold=cand_t)
     t1 = time.time()
-    pair_scores, alignments = verify_pairs(src, dst, load, params)
+    pair_scores, alignments = verify_rows(src, dst, rows, manifest_dir, list(cfg.embed.bands) if cfg.embed.bands else None,
+                                          params, workers=int(cfg.num_threads))
     verify_s = time.time() - t1
     verified = pair_scores > verify_t
     log.info("dedup: %d candidate pairs, %d verified as copies (threshold %.3f), %.1f ms/pair", len(src), int(verified.sum()),

@@ -85,3 +85,19 @@ def test_synthetic_pairs_and_candidate_selection():
     scores = np.array([[1, 0.9, 0.8, 0.5], [1, 0.9, 0.7, 0.1], [1, 0.8, 0.2, 0.1], [1, 0.7, 0.5, 0.1]])
     src, dst, cos = candidate_pairs(scores, ids, k=2, threshold=0.6)
     assert sorted(zip(src.tolist(), dst.tolist())) == [(0, 1), (0, 2), (1, 3)]
+
+
+@pytest.mark.slow
+def test_parallel_verification_matches_serial(tmp_path, grass):
+    from dinov2_repro.curation.verified_dedup import verify_rows
+    from PIL import Image
+
+    rows = []
+    for i, (y, x) in enumerate([(0, 0), (0, 64), (64, 0), (64, 64), (128, 0), (0, 16)]):
+        Image.fromarray((_tile(grass, y, x).transpose(1, 2, 0) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"path": f"{i}.png"})
+    src, dst = np.array([0, 0, 1, 2, 3, 4, 0, 1]), np.array([5, 1, 2, 3, 4, 5, 2, 5])
+    serial, _ = verify_rows(src, dst, rows, tmp_path, None, PARAMS, workers=1)
+    parallel, _ = verify_rows(src, dst, rows, tmp_path, None, PARAMS, workers=2, chunk=2)
+    np.testing.assert_allclose(parallel, serial, rtol=0, atol=1e-6)
+    assert serial[0] > serial[1] + 0.2  # (0, 5) is a shifted window of 0; (0, 1) only its neighbour
