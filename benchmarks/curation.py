@@ -5,7 +5,7 @@
   exact re-scoring, threshold, union-find components). Reports wall times and the recall of the
   planted pairs, plus kNN recall@64 against exact brute-force search on sampled queries.
   On a GPU (torch.cuda) the same runs as torch matmul top-k (exact) unless faiss-gpu is present.
---part quality: the real-image near-duplicate experiment (data_curation/quality.py).
+--part quality: the real-image near-duplicate experiment (benchmarks/curation_quality.py).
 --quick: a small, fast smoke run (used by the tests), written to --output.
 
     python benchmarks/curation.py --part dedup            # 1M vectors, ~10 min on 2 cores
@@ -25,6 +25,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from dinov2_repro.curation.dedup import components, knn_edges, pick_representatives  # noqa: E402
 from dinov2_repro.curation.io import atomic_write_json  # noqa: E402
@@ -134,22 +135,46 @@ def run_dedup(n: int, *, dim: int = 384, k: int = 64, threshold: float = 0.6, np
             "meets_goal": bool(total < 600 and recall["recall_vs_exact"] >= 0.95)}
 
 
-def run_quality_part(quick: bool, workdir: Path) -> dict:
-    from dinov2_repro.curation.quality import run_quality
+def run_quality_part(quick: bool, workdir: Path, splits: list[str]) -> dict:
+    """The near-duplicate quality experiment (benchmarks/curation_quality.py) per split."""
+    from curation_quality import run_split
 
-    if quick:
-        return run_quality(workdir, steps=20, batch_size=32, photo_limit=6, scene_tile_limit=12)
-    return run_quality(workdir, steps=int(os.environ.get("QUALITY_STEPS", "300")))
+    steps = int(os.environ.get("QUALITY_STEPS", "40" if quick else "300"))
+    sizes = dict(per_kind=3, max_tiles_per_scene=8) if quick else dict(per_kind=15, max_tiles_per_scene=60)
+    # One thread on a shared machine: a second OpenMP thread spin-waits when the cores are busy.
+    threads = os.environ.get("BENCH_THREADS", "2")
+    return {split: run_split(workdir, split, steps=steps, overrides=(f"num_threads={threads}",), **sizes) for split in splits}
+
+
+def verification_cost(pairs: int = 40, seed: int = 0) -> dict:
+    """Milliseconds per candidate pair of the pixel verification (64 px tiles, one thread) and the
+    projected total for the 1M benchmark's candidate count (its edges above the kNN threshold)."""
+    from curation_quality import TILE, load_scene
+    from dinov2_repro.curation.images import to_unit
+    from dinov2_repro.curation.verify import VerifyParams, verify_pairs
+
+    scene = load_scene("grass")
+    rng = np.random.default_rng(seed)
+    spots = rng.integers(0, scene.shape[1] - TILE, size=(2 * pairs, 2))
+    tiles = [to_unit(scene[:, y : y + TILE, x : x + TILE]) for y, x in spots]
+    start, cpu_start = time.time(), time.process_time()
+    verify_pairs(np.arange(pairs), np.arange(pairs, 2 * pairs), lambda i: tiles[i], VerifyParams())
+    ms, cpu_ms = 1000 * (time.time() - start) / pairs, 1000 * (time.process_time() - cpu_start) / pairs
+    # CPU ms is what the pairs cost; wall ms also counts waiting for a shared machine's cores.
+    return {"ms_per_pair": round(cpu_ms, 1), "wall_ms_per_pair": round(ms, 1), "pairs_timed": pairs, "threads": 1,
+            "work_size": VerifyParams().work_size, "load_average": os.getloadavg()[0]}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["dedup", "quality", "all"], default="dedup")
+    parser.add_argument("--part", choices=["dedup", "quality", "verify-cost", "all"], default="dedup")
     parser.add_argument("--quick", action="store_true", help="small smoke run (tests)")
     parser.add_argument("--nprobe", type=int, default=8, help="IVF lists scanned per query (the curate stage's dedup.nprobe)")
     parser.add_argument("--n", type=int, default=None, help="pool size (default 1M, 20k with --quick)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--workdir", type=Path, default=Path("output/bench_curation"))
+    parser.add_argument("--splits", nargs="+", choices=["tune", "heldout"], default=["tune", "heldout"],
+                        help="quality pools: tune = scenes used while choosing defaults, heldout = only measured")
     args = parser.parse_args(argv)
     result = json.loads(args.output.read_text()) if args.output.is_file() else {}
     result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
@@ -162,12 +187,23 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.is_available():
             result["dedup_gpu"] = run_dedup(n, device="cuda")
             print(json.dumps(result["dedup_gpu"], indent=1))
+    if args.part in ("verify-cost", "all"):
+        cost = verification_cost()
+        candidates = result.get("dedup_cpu", {}).get("edges")
+        if candidates:
+            cost.update(candidates_1m=candidates, projected_1m_s_one_core=round(cost["ms_per_pair"] * candidates / 1000, 1))
+        result["verification_cost"] = cost
+        print(json.dumps(cost))
     if args.part in ("quality", "all"):
-        q = run_quality_part(args.quick, args.workdir)
-        result["quality"] = q
-        print(json.dumps({k: v for k, v in q.items() if k != "results"}, indent=1))
-        for name, m in q["results"].items():
-            print(name, {kk: m[kk] for kk in ("threshold", "precision", "recall", "uAP")})
+        q = run_quality_part(args.quick, args.workdir, args.splits)
+        if "results" in result.get("quality", {}):
+            result["quality"] = {}  # the pre-verification experiment's numbers are superseded
+        result.setdefault("quality", {}).update(q)
+        for split, m in q.items():
+            print(split, json.dumps({k: m[k] for k in ("pool", "candidates", "verified_edges", "pair_precision",
+                                                        "pair_precision_required_kinds", "pair_recall_required_kinds",
+                                                        "false_removal_rate", "timing")}))
+            print(json.dumps(m["per_kind"]))
     result["quick"] = args.quick
     atomic_write_json(args.output, result)
     return 0

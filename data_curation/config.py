@@ -45,6 +45,19 @@ def _check(cfg: DictConfig) -> None:
         fail("dedup.max_removed_fraction", "must be in [0, 1]")
     if cfg.dedup.keep_policy not in ("largest", "first"):
         fail("dedup.keep_policy", "must be 'largest' or 'first'")
+    verify = cfg.dedup.verify
+    if verify.k < 1:
+        fail("dedup.verify.k", "must be >= 1")
+    if not 0.0 < verify.target_recall < 1.0:
+        fail("dedup.verify.target_recall", "must be in (0, 1)")
+    if not 0.0 < verify.min_overlap <= 1.0:
+        fail("dedup.verify.min_overlap", "must be in (0, 1]")
+    if not verify.scales or any(not 0.2 <= float(s) <= 1.0 for s in verify.scales):
+        fail("dedup.verify.scales", "side fractions in [0.2, 1]")
+    if verify.work_size < 16:
+        fail("dedup.verify.work_size", "must be >= 16 pixels")
+    if verify.calibration_images < 4:
+        fail("dedup.verify.calibration_images", "must be >= 4")
     if cfg.retrieve.mode not in ("none", "sample", "cluster"):
         fail("retrieve.mode", "must be 'none', 'sample' or 'cluster'")
     if any(int(k) < 1 for k in cfg.cluster.levels):

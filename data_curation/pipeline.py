@@ -24,6 +24,7 @@ from omegaconf import OmegaConf, DictConfig
 
 from dinov2_repro.io.files import atomic_output
 
+from .fingerprint import record_stage, require_fresh
 from .io import atomic_save_npz, atomic_write_json, read_json, read_manifest, resolve_resource
 
 log = logging.getLogger(__name__)
@@ -193,13 +194,24 @@ def stage_dedup(cfg: DictConfig) -> Path:
     geo_keep, geo_labels = geo_dedup(rows, cfg.dedup.geo_iou, geo_priority)
     # 2. self-dedup on the embeddings, among the geo survivors.
     scores, ids = pool_knn(cfg, x)
-    src, dst, sims = knn_edges(scores, ids, cfg.dedup.threshold)
+    verification: dict = {}
+    if cfg.dedup.verify.enabled:
+        # Candidates from the kNN, copies decided from the pixels (verified_dedup.py).
+        from .verified_dedup import verified_edges
+
+        verification = verified_edges(cfg, rows, pool_manifest(cfg).parent, scores, ids, _descriptor_fn(cfg))
+        src, dst = verification["src"], verification["dst"]
+        sims = verification["cand_score"][verification["cand_verified"]]
+    else:
+        src, dst, sims = knn_edges(scores, ids, cfg.dedup.threshold)
     self_keep, labels = self_dedup(n, src, dst, priority, active=geo_keep)
     removed_fraction = float((geo_keep & ~self_keep).sum()) / max(int(geo_keep.sum()), 1)
     if removed_fraction > cfg.dedup.max_removed_fraction:
-        raise ValueError(f"dedup: self-dedup at dedup.threshold={cfg.dedup.threshold} would remove {removed_fraction:.0%} of the pool "
-                         f"(> dedup.max_removed_fraction={cfg.dedup.max_removed_fraction}); the embedder is probably "
-                         f"under-trained or the threshold too low for it")
+        at = (f"dedup.verify.threshold={verification['summary']['verify_threshold']:.3f} "
+              f"({verification['summary']['verify_threshold_source']})" if verification else f"dedup.threshold={cfg.dedup.threshold}")
+        raise ValueError(f"dedup: self-dedup at {at} would remove {removed_fraction:.0%} of the pool "
+                         f"(> dedup.max_removed_fraction={cfg.dedup.max_removed_fraction}); the threshold is too low for "
+                         f"this pool (or the pool really is mostly copies: raise max_removed_fraction)")
     # 3. relative: pool components (at the stricter threshold) that touch a reference image.
     touched = np.zeros(n, bool)
     touched_by: dict[int, str] = {}
@@ -223,7 +235,8 @@ def stage_dedup(cfg: DictConfig) -> Path:
     for r in range(n):
         if keep[r]:
             size = int(comp_sizes[labels[r]])
-            reasons[r] = (f"unique: no kNN neighbour with cosine > {cfg.dedup.threshold}" if size == 1 else
+            reasons[r] = (("unique: no candidate verified as a copy" if verification else
+                           f"unique: no kNN neighbour with cosine > {cfg.dedup.threshold}") if size == 1 else
                           f"kept for a duplicate component of {size} (policy {cfg.dedup.keep_policy})")
         elif unreadable[r]:
             removed[r] = "unreadable"
@@ -234,14 +247,38 @@ def stage_dedup(cfg: DictConfig) -> Path:
         else:
             removed[r] = f"relative:{touched_by.get(r)}"
     atomic_write_json(out(cfg, "dedup", "removed.json"), {str(r): why for r, why in removed.items()})
+    candidates = {k: v for k, v in verification.items() if k.startswith("cand_")}
     atomic_save_npz(out(cfg, "dedup", "result.npz"), keep=keep, labels=labels, geo_labels=geo_labels,
-                    edge_src=src, edge_dst=dst, edge_sim=sims, top1=_top1(scores, ids))
+                    edge_src=src, edge_dst=dst, edge_sim=sims, top1=_top1(scores, ids), **candidates)
+    if verification:
+        atomic_write_json(out(cfg, "dedup", "calibration.json"), {**verification["calibration_scores"],
+                                                                  "timing": verification["timing"]})
     summary = {"pool": n, "kept": int(keep.sum()), "removed_geo": int((~geo_keep).sum()),
                "removed_self": int((geo_keep & ~self_keep).sum()), "removed_relative": int((geo_keep & self_keep & touched).sum()),
                "removed_unreadable": int(unreadable.sum()),
                "threshold": cfg.dedup.threshold, "relative_threshold": cfg.dedup.relative_threshold, "geo_iou": cfg.dedup.geo_iou,
-               "keep_policy": cfg.dedup.keep_policy, "k": cfg.dedup.k}
+               "keep_policy": cfg.dedup.keep_policy, "k": cfg.dedup.k,
+               **({"verification": verification["summary"]} if verification else {})}
     return write_selected(out(cfg, "dedup", "selected.json"), "dedup", np.flatnonzero(keep), reasons, summary)
+
+
+def _descriptor_fn(cfg: DictConfig):
+    """Images -> L2-normalised descriptors with the embed stage's embedder (for calibration)."""
+    def embed(images: list[np.ndarray]) -> np.ndarray:
+        import torch
+
+        from .embed import embed_images
+        from .embedders import build_embedder
+        from .images import resize_tensor
+        from .knn import normalize
+
+        checkpoint = sscd_checkpoint(cfg) if cfg.embed.embedder == "sscd" else None
+        spec = build_embedder(cfg.embed.embedder, img_size=cfg.embed.img_size, checkpoint=checkpoint, seed=cfg.seed)
+        batch = torch.stack([resize_tensor(torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32)), spec.img_size)
+                             for im in images])
+        with torch.no_grad():
+            return normalize(embed_images(spec.module.eval(), batch, dihedral_pool=cfg.embed.dihedral_pool))
+    return embed
 
 
 def _top1(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -359,6 +396,9 @@ def stage_export(cfg: DictConfig) -> Path:
             final = sel
     if final is None:
         raise FileNotFoundError(f"export: no stage selection under {cfg.output_dir}; run dedup first")
+    # Refuse to combine selections made from other inputs or settings than the current ones.
+    chain = ["embed"] + [s for s in SELECTION_STAGES if (s in history or (s == "cluster" and "sample" in history))]
+    require_fresh(cfg, chain, by="export")
     export_dir = out(cfg, "export")
     entries = []
     for r in final["rows"]:
@@ -387,4 +427,20 @@ def run_stage(cfg: DictConfig, stage: str) -> None:
     save_resolved(cfg, cfg.output_dir)
     for name in PIPELINE if stage == "all" else [stage]:
         log.info("curate: stage %s", name)
+        inputs = stage_inputs(cfg, name)
+        # A stage must not build on a stale selection (export checks the whole chain).
+        require_fresh(cfg, [s for s in inputs if s in SELECTION_STAGES], by=name)
         STAGES[name](cfg)
+        if name != "export":
+            record_stage(cfg, name, inputs)
+
+
+SELECTION_STAGES = ("dedup", "retrieve", "cluster", "sample")
+
+
+def stage_inputs(cfg: DictConfig, stage: str) -> list[str]:
+    """The stages whose outputs ``stage`` reads (their digests go into its stage record)."""
+    if stage == "cluster":
+        return [current_selection(cfg, "sample")["stage"], "embed"]
+    return {"tile": [], "embed": ["tile"], "dedup": ["tile", "embed"], "retrieve": ["dedup", "embed"],
+            "sample": ["cluster"], "export": []}[stage]

