@@ -193,13 +193,20 @@ def stage_dedup(cfg: DictConfig) -> Path:
     geo_priority = priority - np.array([float(r.get("invalid_fraction") or 0.0) for r in rows])
     geo_keep, geo_labels = geo_dedup(rows, cfg.dedup.geo_iou, geo_priority)
     # 2. self-dedup on the embeddings, among the geo survivors.
+    from .embed import unreadable_rows
+
+    unreadable = np.zeros(n, bool)
+    unreadable[unreadable_rows(out(cfg, "embeddings", "pool"))] = True  # the embed stage could not read them
     scores, ids = pool_knn(cfg, x)
+    # Unreadable rows carry a blank descriptor: they join no edge and are never verified.
+    ids = np.where(unreadable[:, None] | unreadable[np.maximum(ids, 0)], -1, ids)
     verification: dict = {}
     if cfg.dedup.verify.enabled:
         # Candidates from the kNN, copies decided from the pixels (verified_dedup.py).
         from .verified_dedup import verified_edges
 
-        verification = verified_edges(cfg, rows, pool_manifest(cfg).parent, scores, ids, _descriptor_fn(cfg))
+        verification = verified_edges(cfg, rows, pool_manifest(cfg).parent, scores, ids, _descriptor_fn(cfg),
+                                      readable=~unreadable)
         src, dst = verification["src"], verification["dst"]
         sims = verification["cand_score"][verification["cand_verified"]]
     else:
@@ -225,10 +232,6 @@ def stage_dedup(cfg: DictConfig) -> Path:
         for r in np.flatnonzero(mask & ~touched):
             touched_by[int(r)] = f"reference_{i}"
         touched |= mask
-    from .embed import unreadable_rows
-
-    unreadable = np.zeros(n, bool)
-    unreadable[unreadable_rows(out(cfg, "embeddings", "pool"))] = True  # the embed stage could not read them
     keep = geo_keep & self_keep & ~touched & ~unreadable
     comp_sizes = np.bincount(labels, minlength=n)
     reasons, removed = {}, {}

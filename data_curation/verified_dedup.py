@@ -69,13 +69,14 @@ def row_loader(rows: Sequence[dict], manifest_dir: Path, bands: Sequence[int] | 
 
 
 def calibrate_on_pool(cfg: DictConfig, load: Callable[[int], np.ndarray], scores: np.ndarray, ids: np.ndarray,
-                      params: VerifyParams, embed: Callable[[list[np.ndarray]], np.ndarray] | None) -> dict:
+                      params: VerifyParams, embed: Callable[[list[np.ndarray]], np.ndarray] | None,
+                      readable: np.ndarray | None = None) -> dict:
     """Sample ``dedup.verify.calibration_images`` pool images; negatives = each one against its
     nearest ``calibration_neighbours`` kNN neighbours."""
     section = cfg.dedup.verify
-    n = len(ids)
+    pickable = np.arange(len(ids)) if readable is None else np.flatnonzero(readable)
     rng = np.random.default_rng(cfg.seed)
-    picks = np.sort(rng.choice(n, min(n, int(section.calibration_images)), replace=False))
+    picks = np.sort(rng.choice(pickable, min(len(pickable), int(section.calibration_images)), replace=False))
     local = {int(r): i for i, r in enumerate(picks)}
     extra: list[int] = []
     pairs = []
@@ -97,8 +98,9 @@ def calibrate_on_pool(cfg: DictConfig, load: Callable[[int], np.ndarray], scores
 
 
 def verified_edges(cfg: DictConfig, rows: Sequence[dict], manifest_dir: Path, scores: np.ndarray, ids: np.ndarray,
-                   embed: Callable[[list[np.ndarray]], np.ndarray] | None) -> dict:
-    """Candidates, calibration and verification. Returns a dict with the verified edges
+                   embed: Callable[[list[np.ndarray]], np.ndarray] | None, *, readable: np.ndarray | None = None) -> dict:
+    """Candidates, calibration and verification (``readable``: rows the embed stage could read).
+    Returns a dict with the verified edges
     (src, dst), every candidate (cand_src, cand_dst, cand_cos, cand_score, cand_verified) and the
     summary (thresholds, counts, seconds)."""
     section = cfg.dedup.verify
@@ -109,7 +111,7 @@ def verified_edges(cfg: DictConfig, rows: Sequence[dict], manifest_dir: Path, sc
     need_verify = section.threshold is None
     need_candidate = section.candidate_threshold is None
     if need_verify or need_candidate:
-        calibration = calibrate_on_pool(cfg, load, scores, ids, params, embed if need_candidate else None)
+        calibration = calibrate_on_pool(cfg, load, scores, ids, params, embed if need_candidate else None, readable)
     calibrate_s = time.time() - t0
     verify_t = float(section.threshold) if not need_verify else float(calibration["verify_threshold"])
     cand_t = float(section.candidate_threshold) if not need_candidate else float(calibration.get("candidate_threshold", -1.0))

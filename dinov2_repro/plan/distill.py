@@ -70,10 +70,10 @@ def _fake_safe_deepcopy(module: nn.Module, memo: dict | None = None) -> nn.Modul
 
 @contextlib.contextmanager
 def _planning_teacher_patches(teacher_cfg: DictConfig) -> Iterator[None]:
-    with mock.patch("distill.config.attach_teacher", _attach_planning_teacher(teacher_cfg)), \
-            mock.patch("distill.meta_arch.build_teacher", _planning_teacher(teacher_cfg)), \
-            mock.patch("distill.meta_arch._load_centers", lambda *a, **k: None), \
-            mock.patch("distill.meta_arch.copy", SimpleNamespace(deepcopy=_fake_safe_deepcopy)):
+    with mock.patch("dinov2_repro.distill.config.attach_teacher", _attach_planning_teacher(teacher_cfg)), \
+            mock.patch("dinov2_repro.distill.meta_arch.build_teacher", _planning_teacher(teacher_cfg)), \
+            mock.patch("dinov2_repro.distill.meta_arch._load_centers", lambda *a, **k: None), \
+            mock.patch("dinov2_repro.distill.meta_arch.copy", SimpleNamespace(deepcopy=_fake_safe_deepcopy)):
         yield
 
 
