@@ -74,5 +74,8 @@ def export_students(ema_backbones: nn.ModuleDict, run_dir: Path, cfg: DictConfig
 
 def run_distillation(cfg: DictConfig) -> dict[str, float]:
     """Run (or resume, from ``train.output_dir``) a distillation; returns the last logged metrics."""
+    from dinov2_repro.train.validate import validate_train_config
+
+    validate_train_config(cfg)  # the pretraining checks (lengths, crops, bands vs data) before any work
     return train(cfg, build_meta_arch=build_distill_meta_arch, build_data=build_distill_data, export=export_students,
                  wrap_model=wrap_distill_if_distributed)

@@ -155,10 +155,33 @@ def choose_backend(*, cuda_available: bool) -> str:
     return "nccl" if cuda_available else "gloo"
 
 
+def _ephemeral_port_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def find_free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now (the OS picks it): the rendezvous port of a new job."""
+    """A TCP port free on ``host`` right now: the rendezvous port of a new job.
+
+    Taken below the kernel's ephemeral range: a port the OS picks (bind to 0) comes from the range
+    it also hands to outgoing connections, and gloo opens many of those, so one of them could take
+    the port in the seconds before the ranks bind it (seen as EADDRINUSE in the suite)."""
+    import random
     import socket
 
+    low, _ = _ephemeral_port_range()
+    picker = random.SystemRandom()  # leaves the seeded global RNG alone
+    for _ in range(200):
+        port = picker.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
