@@ -256,7 +256,7 @@ def test_recipe_configs(teacher_run, tmp_path, name, students):
     specs = student_specs(cfg)
     assert [s.section.arch for s in specs] == students
     assert all(s.section.drop_path_rate == 0.0 and s.section.ffn_layer == "mlp" and s.base_lr == 1e-3 for s in specs)
-    assert cfg.optim.scaling_rule == "none" and cfg.train.batch_size_per_gpu * 64 == 2048
+    assert cfg.optim.scaling_rule == "none" and cfg.train.batch_size_per_gpu * 128 == 2048
     assert cfg.distill.teacher_arch == "vit_giant2" and cfg.distill.teacher_patch_size == 14
     # A teacher that is not the ViT-g the config expects is refused before anything is built.
     with pytest.raises(ConfigError, match="teacher_arch='vit_giant2'"):
