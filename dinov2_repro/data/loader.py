@@ -12,6 +12,7 @@ Resume: ``start_sample`` = samples this rank already consumed = iteration * batc
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import random
@@ -89,6 +90,11 @@ class SeededTransformDataset(Dataset):
 
 
 def _worker_init(_: int, *, trainer_pid: int | None = None) -> None:
+    # A forked worker inherits the trainer's unreachable objects; if its collector finalises one
+    # whose threads live only in the trainer (a destroyed gloo process group of an earlier run in
+    # the same process), the destructor waits forever (seen: the suite hung in
+    # ~ProcessGroupGloo inside a worker). Frozen objects are never collected here.
+    gc.freeze()
     # Each worker is one process per core's worth of work; intra-op threads would oversubscribe.
     torch.set_num_threads(1)
     # Slurm signals every process of a step on preemption; only the trainer (submitit's handler)
@@ -143,6 +149,7 @@ def make_data_loader(
     )
     extra: dict[str, Any] = {}
     if num_workers > 0:
+        gc.collect()  # finalise the trainer's garbage here, before workers fork a copy of it
         extra["persistent_workers"] = True if persistent_workers is None else persistent_workers
         extra["worker_init_fn"] = functools.partial(_worker_init, trainer_pid=os.getpid())
         if prefetch_factor is not None:
