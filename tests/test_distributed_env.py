@@ -159,3 +159,24 @@ def test_rank_logging_console_only_on_rank_zero(tmp_path, capsys):
     for handler in list(log0.handlers):
         log0.removeHandler(handler)
         handler.close()
+
+
+def test_single_process_runs_leave_the_environment_as_they_found_it(monkeypatch):
+    """A run in this process must not make later runs (or their children) look like torchrun ranks:
+    exported RANK/WORLD_SIZE/MASTER_PORT once turned the next run into a gloo group bound to a
+    stale port (EADDRINUSE in its children, a hang in a forked DataLoader worker)."""
+    import os
+
+    from dinov2_repro.distributed import init_distributed, shutdown_distributed
+
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for key in keys:
+        monkeypatch.delenv(key, raising=False)
+    shutdown_distributed()
+    init_distributed(backend="gloo")  # world size 1, no group: nothing to export
+    assert not any(key in os.environ for key in keys)
+    shutdown_distributed()
+    env = init_distributed(backend="gloo", force_process_group=True)
+    assert os.environ["MASTER_PORT"] == str(env.master_port) and env.world_size == 1
+    shutdown_distributed()
+    assert not any(key in os.environ for key in keys)

@@ -214,16 +214,23 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = DEFAULT_T
     env = detect_env(environ)
     cuda = torch.cuda.is_available()
     backend = backend or choose_backend(cuda_available=cuda)
-    if env.master_port == 0:
-        env = dataclasses.replace(env, master_port=find_free_port())
-    os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
-                       "LOCAL_WORLD_SIZE": str(env.local_world_size), "MASTER_ADDR": env.master_addr,
-                       "MASTER_PORT": str(env.master_port)})
+    joins = env.world_size > 1 or force_process_group
+    if joins:
+        if env.master_port == 0:
+            env = dataclasses.replace(env, master_port=find_free_port())
+        # Exported only for a group we join, and restored by shutdown_distributed: left behind in a
+        # single process, RANK/WORLD_SIZE/MASTER_PORT made every later run in it (and every child
+        # it started) look like a torchrun rank bound to a port that was no longer ours.
+        exported = {"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
+                    "LOCAL_WORLD_SIZE": str(env.local_world_size), "MASTER_ADDR": env.master_addr,
+                    "MASTER_PORT": str(env.master_port)}
+        _STATE["saved_environ"] = {key: os.environ.get(key) for key in exported}
+        os.environ.update(exported)
     if "nccl" in backend:
         if not cuda:
             raise RuntimeError(f"backend {backend!r} needs CUDA, but torch.cuda.is_available() is False")
         _select_cuda_device(env)
-    if (env.world_size > 1 or force_process_group) and not dist.is_initialized():
+    if joins and not dist.is_initialized():
         logger.info("joining process group: backend=%s rank=%d/%d master=%s:%d (from %s)", backend, env.rank,
                     env.world_size, env.master_addr, env.master_port, env.source)
         dist.init_process_group(backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
@@ -256,6 +263,13 @@ def shutdown_distributed(*, clean: bool = True, barrier_timeout_s: float = SHUTD
             except Exception as error:  # a peer died: still leave the group, report why
                 logger.warning("shutdown barrier failed (%s); destroying the process group anyway", error)
         dist.destroy_process_group()
+    saved = _STATE.get("saved_environ")
+    if isinstance(saved, dict):
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     _STATE.clear()
 
 
