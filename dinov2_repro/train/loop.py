@@ -62,11 +62,6 @@ def clip_gradients_per_part(parts: dict[str, nn.Module], max_norm: float) -> dic
     return norms
 
 
-def _clip_parts(model: nn.Module) -> dict[str, nn.Module]:
-    # Every meta-arch of the contract has clip_parts(); one part = the whole trainable module otherwise.
-    return model.clip_parts() if hasattr(model, "clip_parts") else {"student": model.trainable()}
-
-
 def train(
     cfg: DictConfig,
     *,
@@ -190,12 +185,12 @@ def _train(
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            grad_norms = clip_gradients_per_part(_clip_parts(model), cfg.optim.clip_grad)
+            grad_norms = clip_gradients_per_part(model.clip_parts(), cfg.optim.clip_grad)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
-            grad_norms = clip_gradients_per_part(_clip_parts(model), cfg.optim.clip_grad)
+            grad_norms = clip_gradients_per_part(model.clip_parts(), cfg.optim.clip_grad)
             optimizer.step()
         model.after_optimizer_step(values)
 
