@@ -20,7 +20,7 @@ from dinov2_repro.train.contract import MetaArch
 from dinov2_repro.train.loop import train
 from dinov2_repro.train.meta_arch import SSLMetaArch
 from dinov2_repro.train.optim import build_optimizer
-from dinov2_repro.distill import DistillMetaArch, load_distill_config, run_distillation, student_export_path
+from dinov2_repro.distill import DistillMetaArch, load_distill_config, student_export_path
 from dinov2_repro.distill.run import build_distill_data, build_distill_meta_arch, export_students
 from test_train import image_root  # noqa: F401 (the micro image folder fixture)
 
