@@ -22,6 +22,23 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
     return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()))
 
 
+def neighbour_overlap(x: Tensor, y: Tensor, *, k: int = 10) -> float:
+    """Mean fraction of each row's k nearest neighbours (cosine, itself excluded) that two (n, d)
+    feature matrices of the same images share: 1 when both spaces rank neighbours alike. Unlike
+    linear CKA it ignores the large direction every near-init ViT shares (mean colour), and unlike
+    agreement with the teacher's kNN labels it does not penalise a student for fixing the
+    teacher's mistakes."""
+    def neighbours(f: Tensor) -> Tensor:
+        f = torch.nn.functional.normalize(f.double(), dim=1)
+        similarity = f @ f.T
+        similarity.fill_diagonal_(-float("inf"))
+        return similarity.topk(k, dim=1).indices
+
+    nx, ny = neighbours(x), neighbours(y)
+    shared = (nx.unsqueeze(2) == ny.unsqueeze(1)).any(dim=2).double().sum(dim=1)
+    return float((shared / k).mean())
+
+
 def _features(export: str | Path, images: tuple, size: int) -> list[Tensor]:
     model, meta = load_backbone(export)
     return [extract_features(model, images_to_tensor(x, mean=meta["mean"], std=meta["std"], size=size)) for x in images]
@@ -29,12 +46,14 @@ def _features(export: str | Path, images: tuple, size: int) -> list[Tensor]:
 
 def teacher_agreement(teacher_export: str | Path, student_export: str | Path, *, size: int, k: int = 20,
                       seed: int = 0) -> dict[str, Any]:
-    """{'cka': linear CKA on all tiles, 'knn_agreement': student kNN top-1 vs the teacher's kNN labels}."""
+    """{'cka': linear CKA on all tiles, 'neighbour_overlap': shared k-nearest neighbours on all tiles,
+    'knn_agreement': student kNN top-1 vs the teacher's kNN labels}."""
     train_x, train_y, test_x, _ = landcover_tiles(seed=seed)
     labels = torch.as_tensor(train_y).long()
     t_train, t_test = _features(teacher_export, (train_x, test_x), size)
     s_train, s_test = _features(student_export, (train_x, test_x), size)
     teacher_view = knn_predict(t_train, labels, t_test, k=k)
     student_view = knn_predict(s_train, labels, s_test, k=k, num_classes=int(labels.max()) + 1)
-    return {"cka": linear_cka(torch.cat([t_train, t_test]), torch.cat([s_train, s_test])),
+    teacher_all, student_all = torch.cat([t_train, t_test]), torch.cat([s_train, s_test])
+    return {"cka": linear_cka(teacher_all, student_all), "neighbour_overlap": neighbour_overlap(teacher_all, student_all),
             "knn_agreement": float((student_view == teacher_view).float().mean())}
