@@ -58,7 +58,7 @@ def test_small_quality_experiment_on_heldout_scenes(tmp_path):
     46-image pool sparse star fields and smooth tiles still give false edges.)"""
     m = run_split(tmp_path, "heldout", steps=0, per_kind=1, max_tiles_per_scene=5,
                   overrides=("embed.embedder=pixel", "num_threads=1", "dedup.verify.k=4", "dedup.verify.calibration_images=20",
-                             "dedup.verify.calibration_neighbours=3"))
+                             "dedup.verify.background_neighbours=3"))
     assert m["verification"]["verify_threshold_source"] == "calibrated"
     # One copy per kind and a 20-image calibration: allow one miss among the pixel-grid kinds.
     found = [m["per_kind"][kind]["component_recall"] for kind in ("jpeg_q30", "colour", "noise", "rot90", "hflip")]
