@@ -6,7 +6,8 @@ against its nearest kNN neighbours -- the hardest non-copies the pool has to off
 
 Two thresholds come out:
 - ``verify_threshold`` on the normalised alignment score (verify.py, background.py): the one maximising
-  recall - ``fp_weight`` x false-positive rate (a false removal costs more than a missed copy).
+  recall - ``fp_weight`` x false-positive rate (a false removal costs more than a missed copy),
+  never below 1 - ``background_weight`` (see the floor in ``_calibrate``).
   The pool may hold real copies, so some "negatives" are in fact positives: neighbour pairs
   aligning better than the median synthetic copy are set aside as likely copies;
 - ``candidate_threshold`` on the embedding cosine: low enough that the kNN stage proposes
@@ -174,14 +175,19 @@ def _calibrate(images: Sequence[np.ndarray], neighbour_pairs: np.ndarray, params
     if len(neg_scores) == 0:
         raise ValueError("calibration: every neighbour pair aligns like a copy; the pool is mostly duplicates")
     chosen = choose_threshold(pos, neg_scores, fp_weight=fp_weight)
-    t = chosen["threshold"]
+    # Floor: a look-alike whose peak is matched by its background (or sidelobe) scores at most
+    # peak x (1 - weight) <= 1 - weight (background.py); such pairs pile up just below it (a few
+    # calibration negatives cannot show how many there are), so the threshold never goes under it.
+    floor = 1.0 - params.background_weight
+    t = max(chosen["threshold"], floor)
     kinds_arr = np.array(kinds)
     per_kind = {k: round(float((pos[kinds_arr == k] > t).mean()), 4) for k in COPY_KINDS}
     recall = float((pos > t).mean())
     fpr = float((neg_scores > t).mean())
     # Precision if copies and neighbour pairs were as frequent as in this calibration set.
     tp, fp = recall * len(pos), fpr * len(neg_scores)
-    report = {"verify_threshold": t, **{k: v for k, v in chosen.items() if k != "threshold"},
+    report = {"verify_threshold": t, "threshold_before_floor": chosen["threshold"], "threshold_floor": round(floor, 4),
+              **{k: v for k, v in chosen.items() if k != "threshold"},
               "estimated_recall": round(recall, 4), "estimated_recall_per_kind": per_kind,
               "negative_fpr_upper_bound": round(fpr, 4),
               "estimated_precision": round(tp / max(tp + fp, 1e-9), 4),

@@ -51,6 +51,12 @@ def test_background_separates_a_sparse_copy_from_sparse_look_alikes():
     is_copy = (pairs[:, 0] == 0) & (pairs[:, 1] == len(images) - 1)
     assert raw[~is_copy].max() >= raw[is_copy][0] - 0.01, raw  # pair-only: a look-alike as good as the copy
     assert normalised[is_copy][0] > normalised[~is_copy].max(), normalised
+    # Calibrated on the same sparse pool (5 fields, their 4 nearest others as neighbours), the
+    # threshold keeps the copy and rejects every look-alike.
+    neighbours = np.array([(i, j) for i in range(5) for j in range(1, 10) if j != i][:: 2][:20])
+    report = calibrate(fields[:5], neighbours, PARAMS, negative_images=fields, seed=0)
+    assert report["verify_threshold"] >= 1.0 - PARAMS.background_weight
+    assert normalised[~is_copy].max() < report["verify_threshold"] < normalised[is_copy][0], report["verify_threshold"]
 
 
 def _window_origin(window: np.ndarray, size: int) -> tuple[int, int]:
