@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 from omegaconf import DictConfig
 
+from .background import align_with_background, score_pairs
 from .calibrate import calibrate
 from .images import load_row_image
 from .verify import VerifyParams, params_from_config, verify_pairs
@@ -72,7 +73,7 @@ def calibrate_on_pool(cfg: DictConfig, load: Callable[[int], np.ndarray], scores
                       params: VerifyParams, embed: Callable[[list[np.ndarray]], np.ndarray] | None,
                       readable: np.ndarray | None = None) -> dict:
     """Sample ``dedup.verify.calibration_images`` pool images; negatives = each one against its
-    nearest ``calibration_neighbours`` kNN neighbours."""
+    nearest ``background_neighbours`` kNN neighbours (the same background the pipeline uses)."""
     section = cfg.dedup.verify
     pickable = np.arange(len(ids)) if readable is None else np.flatnonzero(readable)
     rng = np.random.default_rng(cfg.seed)
@@ -81,7 +82,7 @@ def calibrate_on_pool(cfg: DictConfig, load: Callable[[int], np.ndarray], scores
     extra: list[int] = []
     pairs = []
     for r in picks.tolist():
-        neighbours = [int(j) for j in ids[r] if j >= 0 and j != r][: int(section.calibration_neighbours)]
+        neighbours = [int(j) for j in ids[r] if j >= 0 and j != r][: int(section.background_neighbours)]
         for j in neighbours:
             if j not in local:
                 local[j] = len(picks) + len(extra)
@@ -93,7 +94,7 @@ def calibrate_on_pool(cfg: DictConfig, load: Callable[[int], np.ndarray], scores
     # Only the sampled images get synthetic copies; neighbours only serve as negatives.
     report = calibrate(sampled, np.array(pairs, dtype=np.int64), params, embed=embed,
                        target_recall=float(section.target_recall), fp_weight=float(section.fp_weight), seed=cfg.seed,
-                       negative_images=images)
+                       negative_images=images, background_rank=int(section.background_rank))
     return report
 
 
@@ -117,21 +118,31 @@ def verified_edges(cfg: DictConfig, rows: Sequence[dict], manifest_dir: Path, sc
     cand_t = float(section.candidate_threshold) if not need_candidate else float(calibration.get("candidate_threshold", -1.0))
     src, dst, cos = candidate_pairs(scores, ids, k=int(section.k), threshold=cand_t)
     t1 = time.time()
-    pair_scores, alignments = verify_rows(src, dst, rows, manifest_dir, list(cfg.embed.bands) if cfg.embed.bands else None,
-                                          params, workers=int(cfg.num_threads))
+    bands = list(cfg.embed.bands) if cfg.embed.bands else None
+    # Candidates and the background pairs of their images are aligned together (background.py).
+    all_src, all_dst, all_alignments = align_with_background(
+        src, dst, ids, int(section.background_neighbours),
+        lambda a, b: verify_rows(a, b, rows, manifest_dir, bands, params, workers=int(cfg.num_threads))[1])
+    all_scores = score_pairs(all_src, all_dst, all_alignments, rank=int(section.background_rank), weight=params.background_weight)
+    position = {(int(a), int(b)): e for e, (a, b) in enumerate(zip(all_src, all_dst))}
+    where = np.array([position[(int(a), int(b))] for a, b in zip(src, dst)], dtype=np.int64)
+    pair_scores = all_scores[where] if len(where) else np.zeros(0)
+    alignments = [all_alignments[e] for e in where]
     verify_s = time.time() - t1
     verified = pair_scores > verify_t
-    log.info("dedup: %d candidate pairs, %d verified as copies (threshold %.3f), %.1f ms/pair", len(src), int(verified.sum()),
-             verify_t, 1000 * verify_s / max(len(src), 1))
+    log.info("dedup: %d candidate pairs (%d aligned with background pairs), %d verified as copies (threshold %.3f), "
+             "%.1f ms/aligned pair", len(src), len(all_src), int(verified.sum()), verify_t, 1000 * verify_s / max(len(all_src), 1))
     summary = {"verify_threshold": verify_t, "candidate_threshold": cand_t,
                "verify_threshold_source": "config" if not need_verify else "calibrated",
                "candidate_threshold_source": "config" if not need_candidate else "calibrated",
-               "candidates": int(len(src)), "verified": int(verified.sum()), "verify_k": int(section.k),
+               "candidates": int(len(src)), "aligned_pairs": int(len(all_src)), "verified": int(verified.sum()),
+               "verify_k": int(section.k), "background_neighbours": int(section.background_neighbours),
+               "background_rank": int(section.background_rank),
                "verify_params": params.as_dict(),
                "calibration": {k: v for k, v in calibration.items() if not k.endswith(("_scores", "_kinds"))}}
     # Timings vary run to run: kept out of the (deterministic) selection summary.
-    timing = {"verify_seconds": round(verify_s, 2), "verify_ms_per_pair": round(1000 * verify_s / max(len(src), 1), 2),
-              "calibrate_seconds": round(calibrate_s, 2), "candidates": int(len(src))}
+    timing = {"verify_seconds": round(verify_s, 2), "verify_ms_per_aligned_pair": round(1000 * verify_s / max(len(all_src), 1), 2),
+              "calibrate_seconds": round(calibrate_s, 2), "candidates": int(len(src)), "aligned_pairs": int(len(all_src))}
     return {"src": src[verified], "dst": dst[verified], "cand_src": src, "cand_dst": dst, "cand_cos": cos,
             "cand_score": pair_scores, "cand_verified": verified,
             "cand_dihedral": np.array([a.dihedral for a in alignments], np.int64),

@@ -19,6 +19,7 @@ homogeneous texture (forest canopy, fields) share its statistics but not its pix
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
@@ -38,7 +39,8 @@ class VerifyParams:
     low_sigma: float = 0.8
     high_sigma: float = 5.0
     sidelobe_radius: int = 4
-    sidelobe_weight: float = 0.25
+    # Weight of the best non-copy evidence (sidelobe here; also the background neighbours in background.py).
+    background_weight: float = 0.5
 
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -47,7 +49,8 @@ class VerifyParams:
 @dataclass(frozen=True)
 class Alignment:
     """Best alignment of a pair. ``score`` = ``peak`` - weight x ``sidelobe``: the NCC at the best
-    alignment minus (a fraction of) the best NCC of the same pose at shifts more than ``sidelobe_radius`` away.
+    alignment minus (a fraction of) the best NCC of the same pose at shifts more than ``sidelobe_radius`` away
+    (the pair-only score; the pipeline also compares the peak to background neighbours, background.py).
     A copy has one sharp peak; two distinct images that both hold a straight edge or a smooth
     ramp align almost as well at many shifts along it, so their peak is not distinctive.
     Also: dihedral index of B (0 = identity), side fraction of the cropped image in the other,
@@ -107,18 +110,34 @@ def _corr(fa: torch.Tensor, fb: torch.Tensor, pad: int) -> torch.Tensor:
     return torch.fft.irfft2(fa * fb.conj(), s=(pad, pad))
 
 
-def _masked_ncc(big: torch.Tensor, small: torch.Tensor, min_count: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _spectra(big: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spectra of ``big`` and of its square, zero-padded as _masked_ncc needs them."""
+    pad = 2 * big.shape[-1]
+    return torch.fft.rfft2(big, s=(pad, pad)), torch.fft.rfft2(big * big, s=(pad, pad))
+
+
+@functools.lru_cache(maxsize=64)
+def _mask_spectra(size: int, side: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spectra of the all-ones big and small images and the overlap pixel count per shift (the
+    same for every pair of a given size: computed once)."""
+    pad = 2 * size
+    f_mbig = torch.fft.rfft2(torch.ones((1, size, size), dtype=dtype), s=(pad, pad))
+    f_msmall = torch.fft.rfft2(torch.ones((1, side, side), dtype=dtype), s=(pad, pad))
+    return f_mbig, f_msmall, _corr(f_mbig, f_msmall, pad)[0].round()
+
+
+def _masked_ncc(big: torch.Tensor, small: torch.Tensor, min_count: float,
+                big_spectra: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """NCC of ``small`` (N or 1, h, h) placed at every shift over ``big`` (N or 1, S, S), over the
     overlap only (batches broadcast). Returns (ncc (N, P, P), overlap pixel count (P, P)); shifts
     with fewer than ``min_count`` overlapping pixels get NCC -1."""
     size, side = big.shape[-1], small.shape[-1]
     pad = 2 * size  # >= size + side: no wrap-around; a power of two keeps the FFTs fast
     spec = lambda z: torch.fft.rfft2(z, s=(pad, pad))  # noqa: E731 - local shorthand
-    f_big, f_big2 = spec(big), spec(big * big)
+    # The big image is the same at every crop scale of a pair: its spectra may come precomputed.
+    f_big, f_big2 = big_spectra if big_spectra is not None else (spec(big), spec(big * big))
     f_small, f_small2 = spec(small), spec(small * small)
-    f_mbig = spec(torch.ones((1, size, size), dtype=big.dtype))
-    f_msmall = spec(torch.ones((1, side, side), dtype=big.dtype))
-    count = _corr(f_mbig, f_msmall, pad)[0].round()
+    f_mbig, f_msmall, count = _mask_spectra(size, side, big.dtype)
     sum_a = _corr(f_big, f_msmall, pad)
     sum_a2 = _corr(f_big2, f_msmall, pad)
     sum_b = _corr(f_mbig, f_small, pad)
@@ -133,26 +152,55 @@ def _masked_ncc(big: torch.Tensor, small: torch.Tensor, min_count: float) -> tup
     return torch.where(valid, ncc, torch.full_like(ncc, -1.0)), count
 
 
-def prepare(image: np.ndarray | torch.Tensor, params: VerifyParams) -> torch.Tensor:
-    """The working-size grey image verification compares (cache it per image)."""
-    return to_gray(image, params.work_size)
+class Prepared:
+    """One image as verification compares it: its working-size grey image and, computed on first
+    use and kept (an image is in many pairs), the band-passed stacks both roles of a pair need
+    (the whole image, its 8 poses, and both shrunk to each crop scale's side)."""
+
+    def __init__(self, gray: torch.Tensor, params: VerifyParams) -> None:
+        self.gray, self.params = gray, params
+        self._stacks: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _band_pass(self, x: torch.Tensor) -> torch.Tensor:
+        return band_pass(x, self.params.low_sigma, self.params.high_sigma)
+
+    def _get(self, key: tuple[str, int]) -> torch.Tensor:
+        if key not in self._stacks:
+            poses, side = key
+            base = dihedral_stack(self.gray) if poses == "dihedral" else self.gray[None]
+            self._stacks[key] = self._band_pass(base if side == self.gray.shape[-1] else _resize(base, side))
+        return self._stacks[key]
+
+    def plain(self, side: int) -> torch.Tensor:
+        """(1, side, side): the image shrunk to ``side``, band-passed."""
+        return self._get(("plain", side))
+
+    def poses(self, side: int) -> torch.Tensor:
+        """(8, side, side): its 8 flips/rotations shrunk to ``side``, band-passed."""
+        return self._get(("dihedral", side))
 
 
-def align(a: torch.Tensor, b: torch.Tensor, params: VerifyParams) -> Alignment:
-    """Best alignment of prepared grey images a, b (each (work_size, work_size))."""
+def prepare(image: np.ndarray | torch.Tensor, params: VerifyParams) -> Prepared:
+    """The image as verification compares it (cache it per image)."""
+    return Prepared(to_gray(image, params.work_size), params)
+
+
+def align(a: Prepared, b: Prepared, params: VerifyParams) -> Alignment:
+    """Best alignment of prepared images a, b (``prepare``)."""
     size = params.work_size
     best_peak, best_key, best_map = -2.0, None, None
-    b_dihedral = dihedral_stack(b)
-    bp = lambda z: band_pass(z, params.low_sigma, params.high_sigma)  # noqa: E731 - local shorthand
-    full_a, full_b = bp(a[None]), bp(b_dihedral)
+    spectra: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for scale in params.scales:
         side = max(8, int(round(scale * size)))
         if side == size:  # same extent: B's 8 poses over A
-            candidates = [("none", full_a, full_b)]
+            candidates = [("none", a.plain(size), b.poses(size))]
         else:  # B is a crop of A, or A is a crop of B (A shrunk into each pose of B)
-            candidates = [("b", full_a, bp(_resize(b_dihedral, side))), ("a", full_b, bp(_resize(a[None], side)))]
+            candidates = [("b", a.plain(size), b.poses(side)), ("a", b.poses(size), a.plain(side))]
         for crop_is, big, small in candidates:
-            ncc, count = _masked_ncc(big, small, params.min_overlap * side * side)
+            role = "b_poses" if crop_is == "a" else "a_image"  # which of the pair's two big images this is
+            if role not in spectra:
+                spectra[role] = _spectra(big)
+            ncc, count = _masked_ncc(big, small, params.min_overlap * side * side, spectra[role])
             value, where = ncc.reshape(len(ncc), -1).max(dim=1)
             d = int(value.argmax())
             if float(value[d]) > best_peak:
@@ -164,7 +212,7 @@ def align(a: torch.Tensor, b: torch.Tensor, params: VerifyParams) -> Alignment:
     pad = best_map.shape[-1]
     dy, dx = divmod(pos, pad)
     sidelobe = _sidelobe(best_map, dy, dx, params.sidelobe_radius)
-    return Alignment(best_peak - params.sidelobe_weight * max(sidelobe, 0.0), best_peak, sidelobe, d, scale, crop_is, _signed_shift(dy, dx, pad), overlap)
+    return Alignment(best_peak - params.background_weight * max(sidelobe, 0.0), best_peak, sidelobe, d, scale, crop_is, _signed_shift(dy, dx, pad), overlap)
 
 
 def _sidelobe(ncc: torch.Tensor, dy: int, dx: int, radius: int) -> float:
@@ -194,12 +242,12 @@ def single_thread() -> Iterator[None]:
 
 
 def verify_pairs(src: np.ndarray, dst: np.ndarray, load: Callable[[int], np.ndarray], params: VerifyParams,
-                 *, cache_size: int = 4096) -> tuple[np.ndarray, list[Alignment]]:
+                 *, cache_size: int = 512) -> tuple[np.ndarray, list[Alignment]]:
     """Alignment score of every pair (src[e], dst[e]); ``load(i)`` gives image i as (C, H, W) in
-    [0, 1]. Prepared images are cached (bounded) since an image is in several pairs."""
-    cache: dict[int, torch.Tensor] = {}
+    [0, 1]. Prepared images are cached (bounded: ~0.6 MB each at work_size 64) since an image is in several pairs."""
+    cache: dict[int, Prepared] = {}
 
-    def get(i: int) -> torch.Tensor:
+    def get(i: int) -> Prepared:
         if i not in cache:
             if len(cache) >= cache_size:
                 cache.pop(next(iter(cache)))
@@ -213,7 +261,7 @@ def verify_pairs(src: np.ndarray, dst: np.ndarray, load: Callable[[int], np.ndar
 
 def params_from_config(section) -> VerifyParams:
     """``dedup.verify`` config section -> VerifyParams (unset keys keep the defaults)."""
-    values = {k: section[k] for k in ("work_size", "scales", "min_overlap", "low_sigma", "high_sigma", "sidelobe_radius", "sidelobe_weight") if k in section}
+    values = {k: section[k] for k in ("work_size", "scales", "min_overlap", "low_sigma", "high_sigma", "sidelobe_radius", "background_weight") if k in section}
     if "scales" in values:
         values["scales"] = tuple(float(s) for s in values["scales"])
     return VerifyParams(**values)

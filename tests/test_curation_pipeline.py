@@ -31,7 +31,7 @@ FAST = ["embed.embedder=pixel", "embed.progress=false", "num_threads=1", "device
 # Pixel verification of candidates is exercised by the full-pipeline test and test_curation_verify.py.
 NO_VERIFY = ["dedup.verify.enabled=false"]
 SMALL_VERIFY = ["dedup.verify.enabled=true", "dedup.verify.k=2", "dedup.verify.calibration_images=6",
-                "dedup.verify.calibration_neighbours=2", "dedup.verify.work_size=32"]
+                "dedup.verify.background_neighbours=2", "dedup.verify.work_size=32"]
 
 
 def _nodata_scene(path: Path) -> Path:

@@ -54,17 +54,17 @@ def test_metrics_on_a_known_result(tmp_path):
 def test_small_quality_experiment_on_heldout_scenes(tmp_path):
     """Small version of the benchmark: pixel embedder for speed (candidates), real verification
     and calibration. Copies that keep the pixel grid are found, and verification makes the
-    candidate edges far more precise. (The full targets are measured by the benchmark; on this
-    46-image pool sparse star fields and smooth tiles still give false edges.)"""
+    candidate edges far more precise (measured: 7 of 7 verified edges right, none of the unique
+    images removed, with the background-normalised score; the full targets are measured by the benchmark)."""
     m = run_split(tmp_path, "heldout", steps=0, per_kind=1, max_tiles_per_scene=5,
                   overrides=("embed.embedder=pixel", "num_threads=1", "dedup.verify.k=4", "dedup.verify.calibration_images=20",
-                             "dedup.verify.calibration_neighbours=3"))
+                             "dedup.verify.background_neighbours=3"))
     assert m["verification"]["verify_threshold_source"] == "calibrated"
     # One copy per kind and a 20-image calibration: allow one miss among the pixel-grid kinds.
     found = [m["per_kind"][kind]["component_recall"] for kind in ("jpeg_q30", "colour", "noise", "rot90", "hflip")]
     assert sum(found) >= 4, m["per_kind"]
-    assert m["pair_precision"] >= 0.6 and m["pair_precision"] >= 3 * m["candidate_precision"], m
-    assert m["false_removal_rate"] <= 0.1, m
+    assert m["pair_precision"] >= 0.85 and m["pair_precision"] >= 3 * m["candidate_precision"], m
+    assert m["false_removal_rate"] <= 0.05, m
 
 
 @pytest.mark.slow

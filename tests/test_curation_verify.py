@@ -57,6 +57,7 @@ def test_calibration_separates_synthetic_copies_from_neighbours(grass):
                        embed=lambda ims: np.stack([np.resize(im.mean(0), 16) / (np.linalg.norm(np.resize(im.mean(0), 16)) + 1e-9)
                                                   for im in ims]))
     assert report["positive_quantile_0.01"] > report["verify_threshold"] > report["negative_quantile_0.99"]
+    assert report["verify_threshold"] >= report["threshold_floor"] == 1.0 - PARAMS.background_weight
     assert report["estimated_recall"] >= 0.95 and report["negative_fpr_upper_bound"] == 0.0
     assert set(report["estimated_recall_per_kind"]) == set(COPY_KINDS)
     assert -1.0 <= report["candidate_threshold"] <= 1.0
