@@ -73,6 +73,14 @@ SWEEP: dict[str, list[str]] = {
                           "crops.preset=remote_sensing", *_SHARPER],
     "micro112_sharp_natural": ["student.arch=vit_micro", "crops.global_crops_size=112", "crops.local_crops_size=56",
                                "crops.preset=natural", *_SHARPER],
+    # LayerScale 1e-5 (the recipe's, for deep models) keeps a 200-iteration tiny ViT's residual
+    # branches near zero, so every image gives nearly the same CLS token and the centred teacher
+    # targets stay uniform (per-sample entropy 0.999 log K). LayerScale 1.0 lets image content reach
+    # the heads from the first step; a lower teacher temperature then sharpens the targets.
+    "ls1": ["student.layerscale=1.0"],
+    "ls1_t04": ["student.layerscale=1.0", "teacher.teacher_temp=0.04"],
+    "ls1_sk": ["student.layerscale=1.0", "train.centering=sinkhorn_knopp"],
+    "ls1_sk_t04": ["student.layerscale=1.0", "train.centering=sinkhorn_knopp", "teacher.teacher_temp=0.04"],
 }
 
 # ------------------------------------------------------------------------------------ probes
