@@ -81,6 +81,13 @@ SWEEP: dict[str, list[str]] = {
     "ls1_t04": ["student.layerscale=1.0", "teacher.teacher_temp=0.04"],
     "ls1_sk": ["student.layerscale=1.0", "train.centering=sinkhorn_knopp"],
     "ls1_sk_t04": ["student.layerscale=1.0", "train.centering=sinkhorn_knopp", "teacher.teacher_temp=0.04"],
+    "ls1_sk_t025": ["student.layerscale=1.0", "train.centering=sinkhorn_knopp", "teacher.teacher_temp=0.025",
+                    "teacher.warmup_teacher_temp=0.025"],
+    # Fewer prototypes and a colder teacher: the first candidate that met the item-3 thresholds (one seed).
+    **{f"ls1_sk_t{name}_k256": ["student.layerscale=1.0", "train.centering=sinkhorn_knopp",
+                                f"teacher.teacher_temp={temp}", f"teacher.warmup_teacher_temp={temp}",
+                                "dino.head_n_prototypes=256", "ibot.head_n_prototypes=256"]
+       for name, temp in (("025", 0.025), ("015", 0.015), ("01", 0.01))},
 }
 
 # ------------------------------------------------------------------------------------ probes
