@@ -65,6 +65,17 @@ def background_levels(src: np.ndarray, dst: np.ndarray, peaks: np.ndarray, *, ra
     return level[:m], level[m:]
 
 
+def image_background_levels(pairs: np.ndarray, peaks: np.ndarray, num_images: int, *, rank: int) -> np.ndarray:
+    """Per image i < ``num_images``: the ``rank``-th best peak over all its pairs in ``pairs`` (E, 2)
+    (0 if fewer). No pair is excluded: calibration scores a synthetic copy, which is not among
+    them, against its source image's background."""
+    levels = np.zeros(num_images)
+    for i in range(num_images):
+        mine = np.sort(peaks[(pairs[:, 0] == i) | (pairs[:, 1] == i)])[::-1]
+        levels[i] = mine[rank - 1] if len(mine) >= rank else 0.0
+    return levels
+
+
 def normalised_scores(peaks: np.ndarray, sidelobes: np.ndarray, background: np.ndarray, *, weight: float) -> np.ndarray:
     """peak - weight x max(sidelobe, background, 0)."""
     reference = np.maximum(np.maximum(np.asarray(sidelobes, np.float64), np.asarray(background, np.float64)), 0.0)

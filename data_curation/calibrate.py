@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .background import background_levels, normalised_scores
+from .background import background_levels, image_background_levels, normalised_scores
 from .verify import VerifyParams, align, prepare, single_thread
 
 COPY_KINDS = ("jpeg", "downscale", "colour", "dihedral", "noise", "crop", "shift")
@@ -164,7 +164,7 @@ def _calibrate(images: Sequence[np.ndarray], neighbour_pairs: np.ndarray, params
                                    weight=params.background_weight)
     # A sampled image's background: the rank-th best peak with its neighbours (none of them excluded:
     # its synthetic copy is not among them). The copy shows the same content, so the same level applies.
-    own_level = _own_background(neighbour_pairs, neg_peaks, len(images), background_rank)
+    own_level = image_background_levels(neighbour_pairs, neg_peaks, len(images), rank=background_rank)
     pos = normalised_scores([a.peak for a in positives], [a.sidelobe for a in positives], own_level[np.array(owners)],
                             weight=params.background_weight)
     # A neighbour pair aligning better than the median synthetic copy is, on this evidence, more
@@ -203,11 +203,3 @@ def _calibrate(images: Sequence[np.ndarray], neighbour_pairs: np.ndarray, params
         report["candidate_cosine_quantiles"] = {q: round(float(np.quantile(cosines, float(q))), 4) for q in ("0.01", "0.05", "0.5")}
     return report
 
-
-def _own_background(neighbour_pairs: np.ndarray, peaks: np.ndarray, num_images: int, rank: int) -> np.ndarray:
-    """Per sampled image (indices < num_images): the rank-th best peak over all its neighbour pairs (0 if fewer)."""
-    levels = np.zeros(num_images)
-    for i in range(num_images):
-        mine = np.sort(peaks[(neighbour_pairs[:, 0] == i) | (neighbour_pairs[:, 1] == i)])[::-1]
-        levels[i] = mine[rank - 1] if len(mine) >= rank else 0.0
-    return levels
