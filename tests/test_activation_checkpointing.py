@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dinov2_repro.config import CONFIG_DIR, load_config
+from dinov2_repro.distributed import shutdown_distributed
 
 MODES = ("none", "blocks", "every_k")
 
@@ -96,7 +97,7 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         results[mode] = loss_and_grads(model, random_batch(cfg, seed=rank), step_seed=1 + rank)
     if rank == 0:
         torch.save(results, out)
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dinov2_repro.distributed import shutdown_distributed
 from test_distill import distill_cfg, write_teacher_checkpoint
 
 BATCH = 4  # global batch; 2 images per rank
@@ -55,7 +56,7 @@ def _worker(rank: int, init_file: str, teacher: str, tmp: str, out: str) -> None
     dist.all_reduce(total)
     if rank == 0:
         torch.save({"loss": total / 2, "grads": grads}, out)
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 @pytest.mark.slow

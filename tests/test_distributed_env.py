@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +181,19 @@ def test_single_process_runs_leave_the_environment_as_they_found_it(monkeypatch)
     assert os.environ["MASTER_PORT"] == str(env.master_port) and env.world_size == 1
     shutdown_distributed()
     assert not any(key in os.environ for key in keys)
+
+
+def test_only_shutdown_distributed_destroys_a_real_process_group():
+    """A gloo rank that destroys its group while a peer still talks to it kills the peer with
+    SIGABRT (the flaky distributed tests of stops 16-17). shutdown_distributed() puts a barrier
+    first; every test worker and every module must leave a real group through it. The planner's
+    one-process fake group is the only exception."""
+    root = Path(__file__).resolve().parents[1]
+    allowed = {root / "dinov2_repro" / "distributed" / "env.py", root / "dinov2_repro" / "plan" / "trace.py",
+               Path(__file__).resolve()}
+    offenders = []
+    for folder in ("tests", "dinov2_repro", "distill", "launch", "data_curation", "benchmarks"):
+        for path in (root / folder).rglob("*.py"):
+            if path.resolve() not in allowed and ".destroy_process_group(" in path.read_text():
+                offenders.append(str(path.relative_to(root)))
+    assert not offenders, f"use dinov2_repro.distributed.shutdown_distributed() instead in: {offenders}"

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from dinov2_repro.config import CONFIG_DIR, load_config
 from dinov2_repro.data import MaskingGenerator, collate_data_and_cast
+from dinov2_repro.distributed import shutdown_distributed
 from dinov2_repro.losses import SoftmaxCentering, sinkhorn_knopp_center
 from dinov2_repro.models.heads import DINOHead
 from dinov2_repro.train.loop import clip_gradients_per_part
@@ -166,8 +167,10 @@ def _fsdp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> No
         results["clip_before"] = clip_gradients_per_part(model.clip_parts(), 1e-3)
         results["clip_after"] = clip_gradients_per_part(model.clip_parts(), 0.0)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        shutdown_distributed(clean=False)  # the peers may never reach a barrier
+        raise
+    shutdown_distributed()
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dinov2_repro.config import CONFIG_DIR, load_config
+from dinov2_repro.distributed import shutdown_distributed
 
 TOLERANCE = 0.20
 
@@ -97,7 +98,7 @@ def _worker(rank: int, world_size: int, init_file: str, out: str) -> None:
                for mode in _modes(world_size)}
     if rank == 0:
         torch.save(results, out)
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def _measured(tmp_path: Path, world_size: int) -> dict:
