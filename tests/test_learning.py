@@ -1,7 +1,7 @@
 """Evidence of learning (issue: pretraining, item 7): after the tiny CPU recipe, kNN land-cover
 accuracy of the teacher's CLS features beats the same architecture at random init by a clear
-margin, and the teacher's prototype usage has not collapsed. Issue 11 item 3 sets a higher bar
-(targets that sharpen, a 0.15 kNN margin): test_item3_thresholds records it as a known gap.
+margin, and the teacher's prototype usage has not collapsed; and issue 11 item 3's higher bar
+(targets that sharpen without collapsing, a 0.15 kNN margin) holds for the shipped tiny recipe.
 
 Data: the tiles of the shipped remote-sensing scenes and natural images (demo_image_folder).
 Held-out labels: Landsat tiles labelled by the scene's strata map, spatially disjoint from
@@ -9,7 +9,6 @@ each other (dinov2_repro.data.sample_data.landcover_tiles)."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -20,14 +19,14 @@ from dinov2_repro.eval.knn_classifier import images_to_tensor
 from dinov2_repro.eval.landcover import landcover_knn_report
 from dinov2_repro.train.checkpoint import last_checkpoint, load_model_state
 from dinov2_repro.train.meta_arch import SSLMetaArch
-from dinov2_repro.train.monitors import final_monitors
+from dinov2_repro.train.monitors import effective_rank, final_monitors
 from dinov2_repro.train.pretrain import TEACHER_EXPORT, run_ssl_training
 
 # A real training run shared by the module (minutes on 2 cores): the whole file is slow.
 pytestmark = pytest.mark.slow
 
-KNN_MARGIN = 0.05  # trained minus random-init top-1 accuracy, absolute (measured: 0.85 vs 0.60 after 100 iterations)
-ENTROPY_FLOOR = 0.5  # fraction of log(K): a collapsed teacher puts its mass on a few prototypes (-> 0)
+KNN_MARGIN = 0.05  # trained minus random-init top-1 accuracy, absolute (measured: 0.84-0.86 vs 0.60 after 200 iterations)
+MIN_RANKME, MIN_PROTOTYPES_USED = 4.0, 8  # a collapsed teacher: RankMe < 1.5, 1-3 prototypes
 # Issue 11 item 3: per-sample teacher entropy below 60% of log K (the targets sharpen), entropy of
 # the batch-mean teacher distribution above 90% of log K (no collapse), kNN margin >= 0.15.
 ITEM3_SHARP_ENTROPY, ITEM3_DIVERSE_ENTROPY, ITEM3_KNN_MARGIN = 0.6, 0.9, 0.15
@@ -38,7 +37,7 @@ def trained_run(demo_image_folder, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tiny_run")
     cfg = load_config(CONFIG_DIR / "train" / "vit_tiny_cpu.yaml", [
         f"train.dataset_path=ImageFolder:root={demo_image_folder}", f"train.output_dir={run_dir}",
-        "train.tensorboard=false", "optim.epochs=5",  # 100 iterations: ~2.5 min on 2 idle cores
+        "train.tensorboard=false",  # the shipped recipe as the demo runs it: 200 iterations, ~3 min on 2 idle cores
     ])
     run_ssl_training(cfg)
     return cfg, run_dir
@@ -51,7 +50,10 @@ def test_knn_beats_random_init(trained_run):
     assert report["knn_top1_trained"] >= report["knn_top1_random_init"] + KNN_MARGIN, report
 
 
-def test_teacher_prototypes_not_collapsed(trained_run):
+def test_teacher_not_collapsed_on_unseen_tiles(trained_run):
+    """On the land-cover tiles (never trained on), the teacher's CLS features keep many directions
+    and its head many argmax prototypes. Collapse shows as RankMe near 1 and 1-3 prototypes; measured
+    after the shipped recipe: RankMe 15.9, 20 distinct prototypes over 304 tiles (random init: 35.7, 21)."""
     cfg, run_dir = trained_run
     model = SSLMetaArch(cfg)
     load_model_state(last_checkpoint(run_dir), model)
@@ -60,17 +62,14 @@ def test_teacher_prototypes_not_collapsed(trained_run):
     images = images_to_tensor(torch.cat([torch.as_tensor(train_x), torch.as_tensor(test_x)]),
                               mean=cfg.crops.mean, std=cfg.crops.std, size=cfg.crops.global_crops_size)
     with torch.no_grad():
-        logits = model.teacher.dino_head(model.teacher.backbone(images))
-        probs = torch.softmax(logits / cfg.teacher.teacher_temp, dim=-1).mean(0)
-    entropy = float(-(probs * probs.clamp_min(1e-12).log()).sum())
-    floor = ENTROPY_FLOOR * math.log(cfg.dino.head_n_prototypes)
-    print(f"entropy of the mean teacher distribution: {entropy:.3f} nats (floor {floor:.3f}, max {math.log(cfg.dino.head_n_prototypes):.3f})")
-    assert entropy >= floor
+        features = model.teacher.backbone(images)
+        prototypes = model.teacher.dino_head(features).argmax(dim=-1)
+    rank, used = float(effective_rank(features)), len(set(prototypes.tolist()))
+    print(f"teacher on {len(images)} unseen tiles: RankMe {rank:.1f}, {used} distinct argmax prototypes")
+    assert rank >= MIN_RANKME, rank
+    assert used >= MIN_PROTOTYPES_USED, used
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 item 3: the tiny recipe is not retuned yet (its teacher targets stay "
-                   "near uniform, ~0.99 log K); strict, so meeting the thresholds turns this into a failure that "
-                   "asks for the marker to go")
 def test_item3_thresholds(trained_run):
     cfg, run_dir = trained_run
     monitors = final_monitors(run_dir / "metrics.jsonl")
