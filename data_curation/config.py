@@ -48,6 +48,10 @@ def _check(cfg: DictConfig) -> None:
     verify = cfg.dedup.verify
     if verify.k < 1:
         fail("dedup.verify.k", "must be >= 1")
+    if verify.region_k < 0:
+        fail("dedup.verify.region_k", "must be >= 0 (0 turns region candidates off)")
+    if not 0.25 <= verify.region_side < 1.0:
+        fail("dedup.verify.region_side", "side fraction in [0.25, 1)")
     if not 0.0 < verify.target_recall < 1.0:
         fail("dedup.verify.target_recall", "must be in (0, 1)")
     if not 0.0 < verify.min_overlap <= 1.0:

@@ -266,7 +266,10 @@ def stage_dedup(cfg: DictConfig) -> Path:
 
 
 def _descriptor_fn(cfg: DictConfig):
-    """Images -> L2-normalised descriptors with the embed stage's embedder (for calibration)."""
+    """Images -> L2-normalised descriptors with the embed stage's embedder (calibration, region
+    candidates). The embedder is built on first use and kept."""
+    built: dict = {}
+
     def embed(images: list[np.ndarray]) -> np.ndarray:
         import torch
 
@@ -275,8 +278,10 @@ def _descriptor_fn(cfg: DictConfig):
         from .images import resize_tensor
         from .knn import normalize
 
-        checkpoint = sscd_checkpoint(cfg) if cfg.embed.embedder == "sscd" else None
-        spec = build_embedder(cfg.embed.embedder, img_size=cfg.embed.img_size, checkpoint=checkpoint, seed=cfg.seed)
+        if "spec" not in built:
+            checkpoint = sscd_checkpoint(cfg) if cfg.embed.embedder == "sscd" else None
+            built["spec"] = build_embedder(cfg.embed.embedder, img_size=cfg.embed.img_size, checkpoint=checkpoint, seed=cfg.seed)
+        spec = built["spec"]
         batch = torch.stack([resize_tensor(torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32)), spec.img_size)
                              for im in images])
         with torch.no_grad():

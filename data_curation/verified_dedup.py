@@ -1,9 +1,10 @@
 """Two-stage self-dedup: kNN candidates (recall) -> pixel verification (precision).
 
 The kNN stage proposes each image's ``dedup.verify.k`` nearest neighbours whose cosine is above
-the candidate threshold; verify.py aligns every candidate pair and only pairs scoring above the
-verification threshold become union-find edges. Both thresholds are calibrated on the pool
-(calibrate.py) unless the config sets them.
+the candidate threshold, and regions.py adds pairs that share a corner square (shifted windows);
+verify.py aligns every candidate pair and only pairs scoring above the verification threshold
+become union-find edges. Both thresholds are calibrated on the pool (calibrate.py) unless the
+config sets them.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 from .background import align_with_background, score_pairs
 from .calibrate import calibrate
 from .images import load_row_image
+from .regions import merge_candidates, region_candidates
 from .verify import VerifyParams, params_from_config, verify_pairs
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,14 @@ def verified_edges(cfg: DictConfig, rows: Sequence[dict], manifest_dir: Path, sc
     verify_t = float(section.threshold) if not need_verify else float(calibration["verify_threshold"])
     cand_t = float(section.candidate_threshold) if not need_candidate else float(calibration.get("candidate_threshold", -1.0))
     src, dst, cos = candidate_pairs(scores, ids, k=int(section.k), threshold=cand_t)
+    n_knn_candidates = len(src)
+    t_regions = time.time()
+    if int(section.region_k) > 0 and embed is not None:
+        pickable = np.arange(len(rows)) if readable is None else np.flatnonzero(readable)
+        regions = region_candidates(load, pickable, embed, side=float(section.region_side), k=int(section.region_k),
+                                    threshold=cand_t)
+        src, dst, cos = merge_candidates((src, dst, cos), regions)
+    regions_s = time.time() - t_regions
     t1 = time.time()
     bands = list(cfg.embed.bands) if cfg.embed.bands else None
     # Candidates and the background pairs of their images are aligned together (background.py).
@@ -135,14 +145,17 @@ def verified_edges(cfg: DictConfig, rows: Sequence[dict], manifest_dir: Path, sc
     summary = {"verify_threshold": verify_t, "candidate_threshold": cand_t,
                "verify_threshold_source": "config" if not need_verify else "calibrated",
                "candidate_threshold_source": "config" if not need_candidate else "calibrated",
-               "candidates": int(len(src)), "aligned_pairs": int(len(all_src)), "verified": int(verified.sum()),
-               "verify_k": int(section.k), "background_neighbours": int(section.background_neighbours),
+               "candidates": int(len(src)), "knn_candidates": int(n_knn_candidates),
+               "aligned_pairs": int(len(all_src)), "verified": int(verified.sum()),
+               "verify_k": int(section.k), "region_k": int(section.region_k), "region_side": float(section.region_side),
+               "background_neighbours": int(section.background_neighbours),
                "background_rank": int(section.background_rank),
                "verify_params": params.as_dict(),
                "calibration": {k: v for k, v in calibration.items() if not k.endswith(("_scores", "_kinds"))}}
     # Timings vary run to run: kept out of the (deterministic) selection summary.
     timing = {"verify_seconds": round(verify_s, 2), "verify_ms_per_aligned_pair": round(1000 * verify_s / max(len(all_src), 1), 2),
-              "calibrate_seconds": round(calibrate_s, 2), "candidates": int(len(src)), "aligned_pairs": int(len(all_src))}
+              "calibrate_seconds": round(calibrate_s, 2), "region_candidates_seconds": round(regions_s, 2),
+              "candidates": int(len(src)), "aligned_pairs": int(len(all_src))}
     return {"src": src[verified], "dst": dst[verified], "cand_src": src, "cand_dst": dst, "cand_cos": cos,
             "cand_score": pair_scores, "cand_verified": verified,
             "cand_dihedral": np.array([a.dihedral for a in alignments], np.int64),
