@@ -88,8 +88,8 @@ def test_each_part_clipped_separately():
     max_norm = 0.5 * min(before.values())  # every part must be clipped
     logged = clip_gradients_per_part(model.clip_parts(), max_norm)
     for name, norm in before.items():
-        assert logged[f"grad_norm/{name}"] == pytest.approx(norm, rel=1e-5)
-    assert logged["grad_norm"] == pytest.approx(math.sqrt(sum(v * v for v in before.values())), rel=1e-5)
+        assert logged[f"grad_norm/{name}"] == pytest.approx(norm, rel=1e-4)  # fp32 sums in another order
+    assert logged["grad_norm"] == pytest.approx(math.sqrt(sum(v * v for v in before.values())), rel=1e-4)
     after = clip_gradients_per_part(model.clip_parts(), 0.0)  # 0: measure only
     for name in before:
         assert after[f"grad_norm/{name}"] == pytest.approx(max_norm, rel=1e-4)
@@ -238,8 +238,10 @@ def test_loop_logs_part_norms_and_monitors(tmp_path):
     cfg = micro_cfg("crops.local_crops_number=1", "train.OFFICIAL_EPOCH_LENGTH=2", "optim.epochs=2",
                     "optim.warmup_epochs=1", "teacher.warmup_teacher_temp_epochs=1", "train.num_workers=0",
                     "train.tensorboard=false", "train.log_period_iterations=1", "evaluation.eval_period_iterations=2",
-                    # a learning rate this large collapses the micro model within a few steps
-                    "optim.base_lr=5.0", "optim.clip_grad=0", "dino.koleo_loss_weight=0",
+                    # a learning rate this large collapses the micro model within a few steps (with the
+                    # recipe's softmax centering and temperatures; Sinkhorn-Knopp keeps the batch spread)
+                    "train.centering=centering", "student.layerscale=1e-5", "teacher.warmup_teacher_temp=0.04",
+                    "teacher.teacher_temp=0.07", "optim.base_lr=5.0", "optim.clip_grad=0", "dino.koleo_loss_weight=0",
                     f"train.dataset_path=ImageFolder:root={root}", f"train.output_dir={tmp_path / 'run'}")
     run_ssl_training(cfg)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
