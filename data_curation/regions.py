@@ -31,13 +31,13 @@ def corner_squares(image: np.ndarray, side: float) -> list[np.ndarray]:
 
 def region_candidates(load: Callable[[int], np.ndarray], rows: Sequence[int],
                       embed: Callable[[list[np.ndarray]], np.ndarray], *, side: float, k: int, threshold: float,
-                      batch: int = 256, knn_fn: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]] | None = None,
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      batch: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(src, dst, cosine) of image pairs, src < dst, where a corner square of one is among the
     first ``k`` squares of other images nearest to a corner square of the other, with cosine above
     ``threshold`` (the best such cosine per pair). ``rows``: the images to consider (row numbers
-    passed to ``load``); ``embed``: images -> L2-normalised descriptors; ``knn_fn(x, k)``: self-kNN of
-    the squares (default: knn.knn with the automatic index)."""
+    passed to ``load``); ``embed``: images -> L2-normalised descriptors."""
+    from .knn import knn
+
     rows = np.asarray(rows, dtype=np.int64)
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     if len(rows) < 2:
@@ -50,12 +50,7 @@ def region_candidates(load: Callable[[int], np.ndarray], rows: Sequence[int],
     owner = np.repeat(rows, CORNERS)
     # A square's nearest squares include its own image's other three (and itself): ask for those too.
     wanted = min(len(x), k + CORNERS)
-    if knn_fn is None:
-        from .knn import knn
-
-        scores, ids = knn(x, x, wanted)
-    else:
-        scores, ids = knn_fn(x, wanted)
+    scores, ids = knn(x, x, wanted)
     other = (ids >= 0) & (owner[np.maximum(ids, 0)] != owner[:, None])
     rank = np.cumsum(other, axis=1)
     keep = other & (rank <= k) & (scores > threshold)
@@ -64,13 +59,9 @@ def region_candidates(load: Callable[[int], np.ndarray], rows: Sequence[int],
     s = scores[keep]
     if len(a) == 0:
         return empty
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    order = np.lexsort((-s, hi, lo))  # best cosine first within each pair
-    lo, hi, s = lo[order], hi[order], s[order]
-    first = np.ones(len(lo), bool)
-    first[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
-    log.info("dedup: %d region candidate pairs from %d corner squares (side %.2f, k %d)", int(first.sum()), len(x), side, k)
-    return lo[first], hi[first], s[first]
+    pairs = merge_candidates((np.minimum(a, b), np.maximum(a, b), s))  # one entry per pair, its best cosine
+    log.info("dedup: %d region candidate pairs from %d corner squares (side %.2f, k %d)", len(pairs[0]), len(x), side, k)
+    return pairs
 
 
 def merge_candidates(*sets: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
