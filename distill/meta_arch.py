@@ -81,6 +81,10 @@ def _build_student(spec: StudentSpec, cfg: DictConfig, *, img_size: int, embed_h
         torch.manual_seed(student_seed(cfg.train.seed, spec.name))
         backbone = build_backbone(spec.section, img_size=img_size, drop_path_rate=0.0,
                                   attn_backend=cfg.train.attention_backend, stochastic_depth=cfg.train.stochastic_depth)
+        # As in pretraining: recompute the student's block activations in backward (the teacher
+        # runs without gradients, so it keeps no activations to save).
+        backbone.set_activation_checkpointing(cfg.train.activation_checkpointing,
+                                              every=cfg.train.activation_checkpointing_every)
         student = nn.ModuleDict({"backbone": backbone, "dino_head": _head(embed_heads.dino, backbone.embed_dim)})
         if embed_heads.ibot.separate_head:
             student["ibot_head"] = _head(embed_heads.ibot, backbone.embed_dim)

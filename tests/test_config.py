@@ -46,3 +46,17 @@ def test_every_shipped_recipe_validates():
     assert len(recipes) >= 5
     for recipe in recipes:
         load_config(recipe)
+
+
+@pytest.mark.parametrize("override", ["compute_precision.grad_scaler=true", "student.pretrained_weights=w.pth",
+                                      "optim.lr=0.001"])
+def test_reference_keys_this_project_does_not_read_are_rejected_with_the_alternative(override, tmp_path):
+    """Keys that would be accepted and silently ignored (or overwritten) are errors naming what to set instead."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}.*(param_dtype=fp16|MODEL\.WEIGHTS|optim\.base_lr)"):
+        load_config(None, [override])
+    section, name = key.split(".")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"{section}:\n  {name}: 1\n")
+    with pytest.raises(ConfigError, match=rf"recipe\.yaml.*{key}"):
+        load_config(path)

@@ -220,8 +220,9 @@ def test_shipped_configs_load_and_resolve_package_paths():
 
 
 def test_embed_with_a_multispectral_project_export(tmp_path):
-    export = pytest.importorskip("dinov2_repro.backbone_file")
     import torch
+
+    from dinov2_repro import backbone_file as export
 
     from dinov2_repro.curation.images import ManifestImages
     from dinov2_repro.models import DinoVisionTransformer

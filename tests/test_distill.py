@@ -285,3 +285,25 @@ def test_cli_local_launcher_two_ranks_then_resume_on_one(teacher_run, image_root
     for name in ("vit_micro", "b"):
         model, meta = load_backbone(student_export_path(out, name))
         assert meta["num_register_tokens"] == (1 if name == "b" else 0)
+
+
+# ---- activation checkpointing ------------------------------------------------------------------
+def test_activation_checkpointing_reaches_the_students_and_keeps_loss_and_gradients(teacher_run, image_root, tmp_path):
+    """train.activation_checkpointing is read by distillation too (the planner offers it for distill
+    configs): the students' blocks are checkpointed and one step's loss and gradients are unchanged."""
+    cfg = distill_cfg(teacher_run, tmp_path, image_root, "train.activation_checkpointing=blocks")
+    model = DistillMetaArch(cfg).train()
+    backbone = model.students["vit_micro"].backbone
+    assert backbone.checkpointed_blocks == frozenset(range(len(backbone.blocks)))
+    batch = next(build_distill_data(cfg, 0, _single_env()))
+    results = {}
+    for mode in ("blocks", "none"):
+        backbone.set_activation_checkpointing(mode)
+        model.zero_grad(set_to_none=True)
+        loss, _ = model.compute_losses(batch, {"teacher_temp": 0.07})
+        loss.backward()
+        results[mode] = (loss.detach(), {n: p.grad.clone() for n, p in model.students.named_parameters() if p.grad is not None})
+    (loss_ref, grads_ref), (loss, grads) = results["none"], results["blocks"]
+    assert torch.equal(loss, loss_ref) and grads.keys() == grads_ref.keys() and grads
+    for name, grad in grads.items():
+        assert torch.allclose(grad, grads_ref[name], rtol=1e-6, atol=1e-7), name

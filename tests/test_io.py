@@ -49,7 +49,6 @@ def test_manifest_jsonl_and_parquet_round_trip(tmp_path: Path) -> None:
         read_manifest(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
         read_manifest(tmp_path / "nothing.jsonl")
-    pytest.importorskip("pyarrow")
     parquet = write_manifest(tmp_path / "m.parquet", rows)
     back = read_manifest(parquet)
     assert back == rows  # keys a row lacks stay absent
