@@ -91,7 +91,7 @@ def knn_recall(x: np.ndarray, ids: np.ndarray, k: int, *, queries: int, seed: in
 
 
 def run_dedup(n: int, *, dim: int = 384, k: int = 64, threshold: float = 0.6, nprobe: int = 8, seed: int = 0,
-              device: str = "cpu") -> dict:
+              device: str = "cpu", index_factory: str = "auto") -> dict:
     import faiss
     import torch
 
@@ -108,7 +108,7 @@ def run_dedup(n: int, *, dim: int = 384, k: int = 64, threshold: float = 0.6, np
         scores, ids = brute_force_knn(x, x, k + 1, device="cuda", batch=8192)
         times["knn_s"] = time.time() - t
     else:
-        factory = choose_index(n, gpu=device == "cuda")
+        factory = choose_index(n, gpu=device == "cuda") if index_factory == "auto" else index_factory
         index = build_index(x, factory=factory, nprobe=nprobe, seed=seed, use_gpu=device == "cuda")
         times["index_build_s"] = time.time() - t
         t = time.time()
@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small smoke run (tests)")
     parser.add_argument("--nprobe", type=int, default=8, help="IVF lists scanned per query (the curate stage's dedup.nprobe)")
     parser.add_argument("--n", type=int, default=None, help="pool size (default 1M, 20k with --quick)")
+    parser.add_argument("--index", default="auto", help="FAISS index factory of the dedup part (auto: the curate "
+                        "stage's choice for the pool size; e.g. IVF64,Flat forces an approximate index on a small pool)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--workdir", type=Path, default=Path("output/bench_curation"))
     parser.add_argument("--splits", nargs="+", choices=["tune", "heldout"], default=["tune", "heldout"],
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
     if args.part in ("dedup", "all"):
         n = args.n or (20_000 if args.quick else 1_000_000)
-        result["dedup_cpu"] = run_dedup(n, nprobe=args.nprobe)
+        result["dedup_cpu"] = run_dedup(n, nprobe=args.nprobe, index_factory=args.index)
         print(json.dumps(result["dedup_cpu"], indent=1))
         import torch
 

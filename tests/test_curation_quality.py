@@ -69,10 +69,24 @@ def test_small_quality_experiment_on_heldout_scenes(tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_quick_mode(tmp_path):
+    """The quick dedup run on an IVF index (at 4,000 vectors the curate stage would pick exact
+    Flat search, where "recall vs exact" is 1 by construction): the default nprobe must keep the
+    planted pairs and the neighbours, and the same measure must see the loss at nprobe=1."""
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "curation.py"), "--part", "dedup", "--quick", "--n", "4000",
-                    "--output", str(out)], check=True, cwd=ROOT, capture_output=True, timeout=300)
+                    "--index", "IVF64,Flat", "--nprobe", "8", "--output", str(out)],
+                   check=True, cwd=ROOT, capture_output=True, timeout=300)
     result = json.loads(out.read_text())["dedup_cpu"]
-    assert result["n"] == 4000 and result["planted_pairs"] > 0
+    assert result["n"] == 4000 and result["index"] == "IVF64,Flat" and result["planted_pairs"] > 0
     assert result["recall_vs_exact"] >= 0.95 and result["knn_recall_at_64_vs_exact"] >= 0.95
     assert result["dedup_wall_s"] > 0
+    import torch
+    from curation import run_dedup  # benchmarks/curation.py
+
+    # Measured: nprobe=1 scans 1 of 64 lists; kNN recall@64 0.27, planted-pair recall 0.95.
+    threads = torch.get_num_threads()
+    try:
+        starved = run_dedup(4000, nprobe=1, index_factory="IVF64,Flat")
+    finally:
+        torch.set_num_threads(threads)  # run_dedup sets the benchmark's thread count
+    assert starved["knn_recall_at_64_vs_exact"] < 0.8 and starved["recall_vs_exact"] < result["recall_vs_exact"], starved

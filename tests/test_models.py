@@ -281,15 +281,28 @@ def test_benchmark_quick_smoke(tmp_path):
     assert {"platform", "cpu_model", "cpu_cores", "torch", "device"} <= set(result["machine"])
     assert set(result["timings"]) == {
         "ours_forward", "timm_forward", "packed_fwd_bwd", "crop_by_crop_fwd_bwd", "efficient_sd_fwd_bwd", "droppath_fwd_bwd"}
+    import statistics
+
+    reps, fwd_batch = result["settings"]["reps"], result["settings"]["fwd_batch"]
     for timing in result["timings"].values():
-        assert timing["median_s"] > 0 and len(timing["times_s"]) == result["settings"]["reps"]
-    assert result["timings"]["ours_forward"]["images_per_s"] > 0
-    assert set(result["ratios"]) == {
-        "ours_over_timm_throughput", "packed_over_crop_by_crop_time", "efficient_sd_over_droppath_time"}
-    assert all(value > 0 for value in result["ratios"].values())
+        # Each figure is a summary of its own measurements, not a constant.
+        assert len(timing["times_s"]) == reps and min(timing["times_s"]) > 0
+        assert timing["median_s"] == statistics.median(timing["times_s"])
+    ours = result["timings"]["ours_forward"]
+    assert ours["images_per_s"] == pytest.approx(fwd_batch / ours["median_s"])
+    pairs = {"ours_over_timm_throughput": ("timm_forward", "ours_forward"),
+             "packed_over_crop_by_crop_time": ("packed_fwd_bwd", "crop_by_crop_fwd_bwd"),
+             "efficient_sd_over_droppath_time": ("efficient_sd_fwd_bwd", "droppath_fwd_bwd")}
+    assert set(result["ratios"]) == set(pairs)
+    for key, (a, b) in pairs.items():
+        assert result["ratios"][key] == pytest.approx(result["timings"][a]["median_s"] / result["timings"][b]["median_s"])
 
     probe = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1", "--memory-probe", "packed_fwd_bwd"],
                            capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr[-3000:]
     memory = json.loads(probe.stdout.strip().splitlines()[-1])
-    assert memory["peak_mib"] > 0 and "hwm_reset" in memory
+    # A lower bound the step cannot avoid: it allocates a gradient for every parameter (set to None
+    # before the step). Measured: 26 MiB peak against 3.8 MiB of gradients.
+    model = build_vit(result["settings"]["arch"], depth=result["settings"]["depth"], img_size=result["settings"]["img"])
+    gradient_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    assert memory["hwm_reset"] in (True, False) and memory["peak_mib"] >= gradient_mib, (memory, gradient_mib)
