@@ -165,6 +165,7 @@ class DistillMetaArch(nn.Module):
             student_params = [local_tensor(p) for p in self.students[name].backbone.parameters()]
             torch._foreach_mul_(ema_params, momentum)
             torch._foreach_add_(ema_params, student_params, alpha=1.0 - momentum)
+        SSLMetaArch.update_centers(self)
 
     # ---- the distillation step ----------------------------------------------------------------
     def _center(self, which: str, logits: Tensor, temp: float) -> Tensor:

@@ -97,7 +97,20 @@ def _evidence(demo_image_folder, tmp_path_factory):
     return report
 
 
+# Negative result (issue #20): with the scratch student on the distilled student's own schedule
+# (before, it had a warmup longer than the run, a slower EMA that exported mostly its init and a
+# frozen last layer for 20 of 30 iterations), the scratch student is the closer one and probes
+# better. Measured (1 thread): land-cover kNN 0.890 distilled vs 0.910 scratch (before: 0.814),
+# CKA 0.888 vs 0.907 (before: 0.753), neighbour overlap 0.384 vs 0.398 (before: 0.350); at 100
+# student iterations the gap widens (kNN 0.906 vs 0.935, CKA 0.698 vs 0.829). Strict xfail: these
+# tests fail the suite the day distillation beats the equal-budget baseline, so the claim is
+# restored then, not silently.
+NEGATIVE = ("distillation does not beat an equal-schedule scratch student at 30 iterations "
+            "(issue #20; numbers in the comment above)")
+
+
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=NEGATIVE)
 def test_distilled_student_is_closer_to_the_teacher(evidence):
     distilled, scratch = evidence["distilled"], evidence["scratch"]
     assert distilled["cka"] > scratch["cka"], evidence
@@ -105,7 +118,14 @@ def test_distilled_student_is_closer_to_the_teacher(evidence):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=NEGATIVE)
 def test_distilled_student_probes_better_than_scratch(evidence):
     distilled, scratch = evidence["distilled"], evidence["scratch"]
     assert distilled["landcover_knn_top1"] > scratch["landcover_knn_top1"], evidence
+
+
+@pytest.mark.slow
+def test_distilled_student_learned_something(evidence):
+    """What does hold: the distilled student probes well above the random-init baseline."""
+    distilled = evidence["distilled"]
     assert distilled["landcover_knn_top1"] >= distilled["random_init_top1"] + 0.1, evidence

@@ -75,12 +75,30 @@ class SoftmaxCentering(nn.Module):
     @torch.no_grad()
     def update(self, teacher_logits: Tensor) -> None:
         """EMA the center towards the mean of ``teacher_logits`` over every leading dim and every rank."""
+        self.accumulate(teacher_logits)
+        self.apply_accumulated()
+
+    @torch.no_grad()
+    def accumulate(self, teacher_logits: Tensor) -> None:
+        """Add this batch's rows to the statistics of the current optimizer step (no collective).
+        With gradient accumulation every micro-batch of a step adds its rows and the step makes one
+        EMA update over all of them, as the same rows spread over more ranks would."""
         self._check(teacher_logits)
         flat = teacher_logits.detach().reshape(-1, self.out_dim).float()
-        # One collective for the sum and the count: ranks may hold different numbers of rows.
+        # One tensor for the sum and the count: one collective, and ranks may hold different numbers of rows.
         stats = torch.empty(self.out_dim + 1, dtype=torch.float32, device=flat.device)
         stats[: self.out_dim] = flat.sum(dim=0)
         stats[self.out_dim] = flat.shape[0]
+        pending = getattr(self, "_pending", None)
+        self._pending = stats if pending is None else pending + stats
+
+    @torch.no_grad()
+    def apply_accumulated(self) -> None:
+        """One EMA step towards the mean of the rows accumulated since the last call, over every
+        rank (every rank must call it, with or without rows); nothing accumulated: no-op."""
+        stats, self._pending = getattr(self, "_pending", None), None
+        if stats is None:
+            return
         _all_reduce_(stats)
         count = stats[self.out_dim]
         batch_mean = (stats[: self.out_dim] / count.clamp_min(1.0)).unsqueeze(0).to(self.center)

@@ -155,7 +155,10 @@ def _train(
     eval_period = int(cfg.evaluation.eval_period_iterations)
     log_period = max(int(cfg.train.log_period_iterations), 1)
     warmup_iters = int(cfg.optim.warmup_epochs * epoch_len)  # collapse_messages: rank ~1 is normal before
-    images_per_step = cfg.train.batch_size_per_gpu * env.world_size
+    # train.grad_accumulation micro-batches per optimizer step: the global batch of world_size x
+    # accumulation ranks on world_size ranks (one EMA/centre update and one lr step per step).
+    accumulation = int(cfg.train.grad_accumulation)
+    images_per_step = cfg.train.batch_size_per_gpu * env.world_size * accumulation
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=env.rank == 0, tensorboard=cfg.train.tensorboard,
                             resume_iteration=start_iteration)  # 0 without a checkpoint: old rows are stale
     last_logged: dict[str, float] = {}
@@ -169,27 +172,35 @@ def _train(
                         keep_last=cfg.train.keep_last_checkpoints)
 
     for iteration in range(start_iteration, total):
-        batch = next(data)
         values = schedules.values(iteration)
         apply_schedule(optimizer, lr=values["lr"], wd=values["wd"], last_layer_lr=values["last_layer_lr"])
         optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss, terms = model.compute_losses(batch, values)
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            bad = {k: float(v) for k, v in terms.items()}
-            raise NonFiniteLossError(
-                f"non-finite total loss {loss_value} at iteration {iteration} (terms: {bad}); "
-                f"stopping. The last good checkpoint is {last_checkpoint(run_dir)}"
-            )
+        loss_value, terms, n_skipped = 0.0, {}, 0
+        for micro in range(accumulation):
+            batch = next(data)
+            n_skipped += int(batch.get("n_skipped", 0))
+            with autocast():
+                loss, micro_terms = model.compute_losses(batch, values)
+            micro_value = float(loss.detach())
+            if not math.isfinite(micro_value):
+                bad = {k: float(v) for k, v in micro_terms.items()}
+                raise NonFiniteLossError(
+                    f"non-finite total loss {micro_value} at iteration {iteration} (terms: {bad}); "
+                    f"stopping. The last good checkpoint is {last_checkpoint(run_dir)}"
+                )
+            # The mean over micro-batches, as ranks average their gradients (exact for powers of 2).
+            if accumulation > 1:
+                loss = loss / accumulation
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_value += micro_value / accumulation
+            for key, value in micro_terms.items():
+                terms[key] = terms.get(key, 0.0) + float(value) / accumulation
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             grad_norms = clip_gradients_per_part(model.clip_parts(), cfg.optim.clip_grad)
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             grad_norms = clip_gradients_per_part(model.clip_parts(), cfg.optim.clip_grad)
             optimizer.step()
         model.after_optimizer_step(values)
@@ -201,7 +212,7 @@ def _train(
             rate = (done - start_iteration) / elapsed
             last_logged = {"iteration": done, "total_loss": loss_value, **{k: float(v) for k, v in terms.items()},
                            **values, **grad_norms, "images_per_s": rate * images_per_step,
-                           "n_skipped": int(batch.get("n_skipped", 0))}
+                           "n_skipped": n_skipped}
             if rank_due:
                 last_logged["monitor/rankme"] = model.feature_rank()
             metrics.write(last_logged)

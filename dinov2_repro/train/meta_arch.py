@@ -111,6 +111,15 @@ class SSLMetaArch(nn.Module):
         teacher_params = [local_tensor(p) for p in self.teacher.parameters()]
         torch._foreach_mul_(teacher_params, momentum)
         torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+        self.update_centers()
+
+    def update_centers(self) -> None:
+        """One EMA step of the softmax centres over every batch of this optimizer step (all the
+        micro-batches of gradient accumulation); the centre used by a step is never its own."""
+        for which in ("dino", "ibot"):
+            center = getattr(self, f"{which}_center", None)
+            if center is not None:
+                center.apply_accumulated()
 
     # ---- the SSL step ----------------------------------------------------------------
     def _ibot_head(self, modules: nn.ModuleDict) -> nn.Module:
@@ -121,7 +130,7 @@ class SSLMetaArch(nn.Module):
             return sinkhorn_knopp_center(logits, temp, n_iterations=self.cfg.train.sinkhorn_iterations)
         center: SoftmaxCentering = getattr(self, f"{which}_center")
         probs = center(logits, temp)
-        center.update(logits)
+        center.accumulate(logits)  # applied once per optimizer step, in after_optimizer_step
         return probs
 
     @torch.no_grad()

@@ -65,7 +65,7 @@ def build_ssl_data(cfg: DictConfig, start_iteration: int, env: DistributedEnv) -
     loader = make_data_loader(
         dataset=_build_train_dataset(cfg.train.dataset_path), transform=build_ssl_transform(cfg), collate_fn=collate,
         batch_size=batch_size, num_workers=cfg.train.num_workers, seed=cfg.train.seed, rank=env.rank,
-        world_size=env.world_size, start_sample=start_iteration * batch_size,
+        world_size=env.world_size, start_sample=start_iteration * batch_size * int(cfg.train.grad_accumulation),
     )
     return iter(loader)
 

@@ -70,7 +70,9 @@ def build_schedules(cfg: DictConfig, *, world_size: int) -> Schedules:
     """Schedules in iterations from the config's epoch-based recipe; sets ``cfg.optim.lr``."""
     epoch_len = int(cfg.train.OFFICIAL_EPOCH_LENGTH)
     total = total_iterations(cfg)
-    lr = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size_per_gpu * world_size, cfg.optim.scaling_rule)
+    # The global batch of one optimizer step: every rank's micro-batches of gradient accumulation.
+    global_batch = cfg.train.batch_size_per_gpu * world_size * int(cfg.train.get("grad_accumulation", 1))
+    lr = scaled_lr(cfg.optim.base_lr, global_batch, cfg.optim.scaling_rule)
     cfg.optim.lr = lr
     lr_kwargs = dict(base_value=lr, final_value=cfg.optim.min_lr, total_iters=total,
                      warmup_iters=int(cfg.optim.warmup_epochs * epoch_len), start_warmup_value=0.0)

@@ -47,7 +47,8 @@ def _require(ok: bool, key: str, value: Any, what: str) -> None:
 
 
 def _check_lengths(cfg: DictConfig) -> None:
-    for key in ("train.OFFICIAL_EPOCH_LENGTH", "optim.epochs", "train.batch_size_per_gpu", "crops.global_crops_size"):
+    for key in ("train.OFFICIAL_EPOCH_LENGTH", "optim.epochs", "train.batch_size_per_gpu", "crops.global_crops_size",
+                "train.grad_accumulation"):
         value = _get(cfg, key)
         _require(value > 0, key, value, "must be > 0 (a run of zero length trains nothing)")
     for key in ("train.num_workers", "train.max_iterations", "train.checkpoint_period_iterations",
