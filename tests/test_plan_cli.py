@@ -93,3 +93,46 @@ def test_plan_distill_traces_teacher_once_and_every_student(tmp_path, one_torch_
     assert two["teacher_forward"] == one["teacher_forward"] > 0
     assert two["student_forward"] == 2 * one["student_forward"]
     assert two["student_backward"] == 2 * one["student_backward"]
+
+
+def test_plan_says_where_the_default_mfu_comes_from(tmp_path, capsys, monkeypatch, one_torch_thread):
+    """The default MFU is the paper's GPU-hours rearranged: the plan says so (no trace of ViT-g here:
+    the anchor's FLOPs are stubbed), and --mfu is reported as given."""
+    from dinov2_repro.plan import report
+    from dinov2_repro.plan.hardware import GPUS, PAPER
+
+    anchor_flops = 5e13
+    monkeypatch.setattr(report, "paper_mfu", lambda: (PAPER.mfu(anchor_flops), anchor_flops))
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--config-file", TINY, "--gpus-per-node", "1", "--gpu", "custom:100,1", "--out", str(out), *MICRO]) == 0
+    plan, printed = json.loads(out.read_text()), capsys.readouterr().out
+    assert plan["mfu_source"] == "paper" and plan["paper_anchor"]["traced_flops_per_gpu_step"] == anchor_flops
+    assert "assumed, not measured" in plan["mfu_origin"] and "22,016" in plan["mfu_origin"] and "--mfu" in plan["mfu_origin"]
+    assert plan["mfu_origin"] in printed and "confirm" not in printed.lower()
+    # By construction: at that MFU the anchor's own step takes exactly the paper's GPU-hours.
+    seconds = anchor_flops / (GPUS[PAPER.gpu].peak_tflops * 1e12 * plan["mfu"])
+    assert seconds * PAPER.iterations * PAPER.gpus / 3600 == pytest.approx(PAPER.gpu_hours)
+    assert main(["plan", "--config-file", TINY, "--gpus-per-node", "1", "--gpu", "custom:100,1", "--mfu", "0.5",
+                 "--out", str(out), *MICRO]) == 0
+    assert json.loads(out.read_text())["mfu_origin"] == "given with --mfu"
+
+
+@pytest.mark.slow
+def test_plan_says_what_another_global_batch_changes(tmp_path, capsys, one_torch_thread):
+    """2 GPUs x 4 images = 8, against a recipe of 16: images seen, the rescaled lr and what would
+    keep the recipe are printed; with accumulation the plan's global batch is the recipe's."""
+    out = tmp_path / "plan.json"
+    common = ["plan", "--config-file", TINY, "--gpus-per-node", "2", "--gpu", "custom:100,1", "--mfu", "0.5",
+              "--out", str(out), *MICRO, "train.recipe_global_batch=16", "optim.scaling_rule=sqrt_wrt_1024"]
+    assert main(common) == 0
+    plan, printed = json.loads(out.read_text()), capsys.readouterr().out
+    recipe = plan["recipe_batch"]
+    assert recipe["plan_global_batch"] == 8 and recipe["images_seen"] == 8 * plan["iterations"]
+    assert recipe["recipe_images_seen"] == 16 * plan["iterations"]
+    assert recipe["lr"] == pytest.approx(0.002 * (8 / 1024) ** 0.5) and recipe["recipe_lr"] == pytest.approx(0.002 * (16 / 1024) ** 0.5)
+    assert recipe["keep_recipe"][0]["change"] == "train.batch_size_per_gpu=8 train.grad_accumulation=1"
+    assert "instead of the recipe's 16" in printed and "keeps the recipe" in printed
+    assert main([*common, "train.grad_accumulation=2"]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["recipe_batch"] is None and plan["global_batch"] == 16
+    assert plan["flops_per_step"] == 2 * 2 * plan["flops_per_gpu_step"]["total"]  # 2 GPUs x 2 micro-batches

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import CONFIG_DIR, load_config
 from .hardware import GPU, PAPER, USABLE_MEMORY_FRACTION
+from ..train.schedules import scaled_lr
 from .trace import StepTrace, trace_step
 
 GIB = 1024 ** 3
@@ -30,6 +31,48 @@ def paper_mfu() -> tuple[float, float]:
     cfg = load_config(CONFIG_DIR / PAPER.config)
     flops = trace_step(cfg, world_size=1, shard=False).flops["total"]
     return PAPER.mfu(flops), flops
+
+
+def accumulation_of(cfg: DictConfig) -> int:
+    return int(cfg.train.get("grad_accumulation", 1))
+
+
+def _recipe_batch(cfg: DictConfig, trace: StepTrace, world: int, gpu: GPU, iterations: int,
+                  tracer: Tracer) -> dict[str, Any] | None:
+    """When this world size changes the recipe's global batch: what that changes (images seen,
+    the lr after the scaling rule) and the per-GPU batch or accumulation that would keep it."""
+    recipe = int(cfg.train.get("recipe_global_batch", 0))
+    plan_batch = trace.batch_size_per_gpu * world * accumulation_of(cfg)
+    if recipe <= 0 or recipe == plan_batch:
+        return None
+    rule = str(cfg.optim.scaling_rule)
+    keep: list[dict[str, Any]] = []
+    usable = gpu.memory_bytes * USABLE_MEMORY_FRACTION
+    per_image = trace.activation_bytes / trace.batch_size_per_gpu
+    base = trace.peak_bytes - trace.activation_bytes
+    if recipe % world == 0:
+        per_gpu = recipe // world
+        # Fewest passes per step first: the per-GPU batch alone, then accumulation over smaller ones.
+        for k in range(1, per_gpu + 1):
+            if per_gpu % k:
+                continue
+            micro = per_gpu // k
+            if base + per_image * micro > usable and micro > 1 and k > 1:
+                continue  # estimated not to fit: try more accumulation
+            change = {"train.batch_size_per_gpu": micro, "train.grad_accumulation": k}
+            checked = tracer(with_overrides(cfg, **change), world)
+            keep.append({"change": " ".join(f"{key}={value}" for key, value in change.items()),
+                         "peak_bytes": checked.peak_bytes, "fits": _fits(checked.peak_bytes, gpu), "how": "traced"})
+            if keep[-1]["fits"]:
+                break
+    return {
+        "recipe_global_batch": recipe, "plan_global_batch": plan_batch,
+        "images_seen": plan_batch * iterations, "recipe_images_seen": recipe * iterations,
+        "scaling_rule": rule, "lr": scaled_lr(float(cfg.optim.base_lr), plan_batch, rule),
+        "recipe_lr": scaled_lr(float(cfg.optim.base_lr), recipe, rule),
+        "keep_recipe": keep or [{"change": f"none: {recipe:,} images is not a multiple of {world} ranks", "fits": False,
+                                 "how": "arithmetic"}],
+    }
 
 
 def with_overrides(cfg: DictConfig, **values: Any) -> DictConfig:
@@ -77,6 +120,19 @@ def _remedies(cfg: DictConfig, trace: StepTrace, gpu: GPU, *, gpus_per_node: int
         remedies.append({"change": f"train.batch_size_per_gpu={batch}", "peak_bytes": smaller.peak_bytes,
                          "fits": _fits(smaller.peak_bytes, gpu), "how": "traced",
                          "cost": "smaller global batch (rescale the lr, or add ranks to keep it)"})
+    # Gradient accumulation: a smaller per-GPU batch k times per step keeps the global batch
+    # (and so the recipe's lr and images seen) at k times the step time.
+    for k in range(2, trace.batch_size_per_gpu + 1):
+        if trace.batch_size_per_gpu % k == 0:
+            micro = trace.batch_size_per_gpu // k
+            if (trace.peak_bytes - trace.activation_bytes) + per_image * micro <= usable or micro == 1:
+                accumulated = tracer(with_overrides(cfg, **{"train.batch_size_per_gpu": micro,
+                                                            "train.grad_accumulation": k * accumulation_of(cfg)}),
+                                     trace.world_size)
+                remedies.append({"change": f"train.batch_size_per_gpu={micro} train.grad_accumulation={k * accumulation_of(cfg)}",
+                                 "peak_bytes": accumulated.peak_bytes, "fits": _fits(accumulated.peak_bytes, gpu),
+                                 "how": "traced", "cost": f"same global batch and lr; {k} forward/backward passes per step"})
+                break
     # More ranks: only the sharded state shrinks (1/W); the rest stays.
     sharded = trace.student_param_bytes + trace.grad_bytes + trace.optimizer_state_bytes + trace.teacher_param_bytes
     rest = trace.peak_bytes - sharded
@@ -118,7 +174,8 @@ def build_plan(cfg: DictConfig, *, nodes: int, gpus_per_node: int, gpu: GPU, mfu
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu {mfu} must be in (0, 1]")
     flops = trace.flops
-    per_gpu_step = flops["total"]
+    accumulation = accumulation_of(cfg)
+    per_gpu_step = flops["total"] * accumulation  # one traced forward/backward per micro-batch
     step_s = per_gpu_step / (gpu.peak_tflops * 1e12 * mfu)
     iterations = total_iterations(cfg)
     memory = _memory(trace, cfg)
@@ -129,7 +186,9 @@ def build_plan(cfg: DictConfig, *, nodes: int, gpus_per_node: int, gpu: GPU, mfu
                 f"{cfg.distill.teacher_arch} -> {', '.join(str(s if isinstance(s, str) else s.arch) for s in cfg.distill.students)}",
         "world_size": world, "nodes": nodes, "gpus_per_node": gpus_per_node,
         "gpu": dataclasses.asdict(gpu),
-        "batch_size_per_gpu": trace.batch_size_per_gpu, "global_batch": trace.batch_size_per_gpu * world,
+        "batch_size_per_gpu": trace.batch_size_per_gpu, "grad_accumulation": accumulation,
+        "global_batch": trace.batch_size_per_gpu * world * accumulation,
+        "recipe_batch": _recipe_batch(cfg, trace, world, gpu, iterations, tracer),
         "crops": {"global": int(cfg.crops.global_crops_size), "local": int(cfg.crops.local_crops_size),
                   "local_number": int(cfg.crops.local_crops_number)},
         "activation_checkpointing": str(cfg.train.activation_checkpointing),
@@ -137,18 +196,34 @@ def build_plan(cfg: DictConfig, *, nodes: int, gpus_per_node: int, gpu: GPU, mfu
         "masked_tokens_per_gpu": trace.n_masked_tokens,
         "flops_per_gpu_step": flops,
         "flops_per_step": per_gpu_step * world,
-        "flops_per_image": per_gpu_step / trace.batch_size_per_gpu,
+        "flops_per_image": per_gpu_step / (trace.batch_size_per_gpu * accumulation),
         "memory_bytes": memory,
         "usable_memory_bytes": int(gpu.memory_bytes * USABLE_MEMORY_FRACTION),
         "fits": fits,
         "remedies": [] if fits else _remedies(cfg, trace, gpu, gpus_per_node=gpus_per_node, tracer=tracer),
         "mfu": mfu, "mfu_source": "paper" if anchor else "given", "paper_anchor": anchor,
+        "mfu_origin": mfu_origin(anchor),
         "step_time_s": step_s,
         "iterations": iterations,
         "wall_clock_hours": step_s * iterations / 3600.0,
         "gpu_hours": step_s * iterations * world / 3600.0,
-        "images_per_s_per_gpu": trace.batch_size_per_gpu / step_s,
+        "images_per_s_per_gpu": trace.batch_size_per_gpu * accumulation / step_s,
     }
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n:,}"
+
+
+def mfu_origin(anchor: dict[str, Any] | None) -> str:
+    """Where the plan's MFU comes from, in words (printed with every plan)."""
+    if anchor is None:
+        return "given with --mfu"
+    return (f"assumed, not measured: solved so that this code's traced {PAPER.config} step "
+            f"({anchor['traced_flops_per_gpu_step'] / 1e12:.1f} TFLOP per GPU at {PAPER.global_batch // PAPER.gpus}/GPU) "
+            f"takes the paper's {PAPER.gpu_hours:,.0f} {PAPER.gpu} GPU-hours for {PAPER.iterations:,} iterations on "
+            f"{PAPER.gpus} GPUs; a plan of that recipe therefore returns the paper's figures by construction. "
+            f"Pass --mfu to use a measured value")
 
 
 def _flops_text(flops: float) -> str:
@@ -166,7 +241,9 @@ def format_plan(plan: dict[str, Any]) -> str:
     rows = [
         ("config", f"{plan['config']} ({plan['arch']})"),
         ("GPUs", f"{plan['world_size']} x {plan['gpu']['name']} ({plan['nodes']} nodes x {plan['gpus_per_node']})"),
-        ("batch", f"{plan['batch_size_per_gpu']} / GPU, {plan['global_batch']} global; crops "
+        ("batch", f"{plan['batch_size_per_gpu']} / GPU"
+                  f"{' x ' + str(plan['grad_accumulation']) + ' accumulated' if plan['grad_accumulation'] > 1 else ''}, "
+                  f"{plan['global_batch']} global; crops "
                   f"{plan['crops']['global']} px x2 + {plan['crops']['local']} px x{plan['crops']['local_number']}"),
         ("kept by stochastic depth", f"{plan['stochastic_depth_kept_fraction']:.3f} of student block tokens"),
         ("-- FLOPs per GPU per step", ""),
@@ -191,10 +268,22 @@ def format_plan(plan: dict[str, Any]) -> str:
         peak = f"peak {remedy['peak_bytes'] / GIB:.1f} GiB, " if "peak_bytes" in remedy else ""
         rows.append(("  would fit?" if remedy["fits"] else "  would not fit",
                      f"{remedy['change']}: {peak}{'fits' if remedy['fits'] else 'does not fit'} ({remedy['how']}; {remedy['cost']})"))
-    source = "implied by the paper's 22,016 A100-hours" if plan["mfu_source"] == "paper" else "given"
+    recipe = plan.get("recipe_batch")
+    if recipe:
+        rows += [
+            ("-- NOT the recipe's global batch", ""),
+            ("global batch", f"{recipe['plan_global_batch']:,} instead of the recipe's {recipe['recipe_global_batch']:,}"),
+            ("images seen", f"{_count(recipe['images_seen'])} instead of {_count(recipe['recipe_images_seen'])}"),
+            ("peak lr", f"{recipe['lr']:.3e} instead of {recipe['recipe_lr']:.3e} ({recipe['scaling_rule']} scaling rule)"),
+        ]
+        for option in recipe["keep_recipe"]:
+            peak = f"peak {option['peak_bytes'] / GIB:.1f} GiB, " if "peak_bytes" in option else ""
+            rows.append(("  keeps the recipe", f"{option['change']}: {peak}{'fits' if option['fits'] else 'does not fit'} "
+                                               f"({option['how']})"))
     rows += [
         ("-- time", ""),
-        ("MFU", f"{plan['mfu']:.3f} ({source})"),
+        ("MFU", f"{plan['mfu']:.3f}"),
+        ("  MFU origin", plan["mfu_origin"]),
         ("step time", f"{plan['step_time_s']:10.3f} s ({plan['images_per_s_per_gpu']:.1f} img/s/GPU)"),
         ("iterations", f"{plan['iterations']:,}"),
         ("wall clock", f"{plan['wall_clock_hours']:10.1f} h"),
