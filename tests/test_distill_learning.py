@@ -110,7 +110,7 @@ NEGATIVE = ("distillation does not beat an equal-schedule scratch student at 30 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=NEGATIVE)
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=NEGATIVE)
 def test_distilled_student_is_closer_to_the_teacher(evidence):
     distilled, scratch = evidence["distilled"], evidence["scratch"]
     assert distilled["cka"] > scratch["cka"], evidence
@@ -118,7 +118,7 @@ def test_distilled_student_is_closer_to_the_teacher(evidence):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=NEGATIVE)
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=NEGATIVE)
 def test_distilled_student_probes_better_than_scratch(evidence):
     distilled, scratch = evidence["distilled"], evidence["scratch"]
     assert distilled["landcover_knn_top1"] > scratch["landcover_knn_top1"], evidence
