@@ -58,8 +58,17 @@ def _validate_config(args) -> None:
     """Load the config the verb would load: unknown keys and wrong types fail here."""
     from dinov2_repro.config import load_config, resolve_config_file
 
-    if args.verb == "train" or (args.verb == "plan" and "distill" not in str(args.config_file)):
+    from dinov2_repro.distill.config import merge_distill_config
+    from dinov2_repro.plan.distill import is_distill_config
+
+    distill_plan = args.verb == "plan" and is_distill_config(args.config_file)
+    if args.verb == "train" or (args.verb == "plan" and not distill_plan):
         load_config(resolve_config_file(args.config_file, recipes="train"), args.overrides)
+    elif args.verb == "distill" or distill_plan:
+        # Keys, types and the students of the distill recipe (the teacher checkpoint is the reader's).
+        merge_distill_config(args.config_file, args.overrides)
+        if distill_plan and args.teacher_config:
+            load_config(resolve_config_file(args.teacher_config, recipes="train"))
     elif args.verb == "curate":
         from dinov2_repro.curation.config import load_curation_config
 
