@@ -135,12 +135,14 @@ def run_dedup(n: int, *, dim: int = 384, k: int = 64, threshold: float = 0.6, np
             "meets_goal": bool(total < 600 and recall["recall_vs_exact"] >= 0.95)}
 
 
-def run_quality_part(quick: bool, workdir: Path, splits: list[str]) -> dict:
+def run_quality_part(quick: bool, workdir: Path, splits: list[str], per_kind: int | None = None,
+                     max_tiles_per_scene: int | None = None) -> dict:
     """The near-duplicate quality experiment (benchmarks/curation_quality.py) per split."""
     from curation_quality import run_split
 
     steps = int(os.environ.get("QUALITY_STEPS", "40" if quick else "300"))
     sizes = dict(per_kind=3, max_tiles_per_scene=8) if quick else dict(per_kind=15, max_tiles_per_scene=60)
+    sizes.update({k: v for k, v in (("per_kind", per_kind), ("max_tiles_per_scene", max_tiles_per_scene)) if v})
     # One thread on a shared machine: a second OpenMP thread spin-waits when the cores are busy.
     threads = os.environ.get("BENCH_THREADS", "2")
     return {split: run_split(workdir, split, steps=steps, overrides=(f"num_threads={threads}",), **sizes) for split in splits}
@@ -195,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
                         "stage's choice for the pool size; e.g. IVF64,Flat forces an approximate index on a small pool)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--workdir", type=Path, default=Path("output/bench_curation"))
-    parser.add_argument("--splits", nargs="+", choices=["tune", "heldout"], default=["tune", "heldout"],
-                        help="quality pools: tune = scenes used while choosing defaults, heldout = only measured")
+    parser.add_argument("--splits", nargs="+", choices=["tune", "heldout", "fresh"], default=["tune", "heldout"],
+                        help="quality pools: tune = scenes used while choosing defaults, heldout = measured (three times; "
+                             "one drove a design change), fresh = new scenes plus copy types calibration never makes")
+    parser.add_argument("--per-kind", type=int, default=None, help="planted copies per kind (default 15, 3 with --quick)")
+    parser.add_argument("--max-tiles-per-scene", type=int, default=None, help="tiles per scene (default 60, 8 with --quick)")
     args = parser.parse_args(argv)
     result = json.loads(args.output.read_text()) if args.output.is_file() else {}
     result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         result["verification_cost"] = cost
         print(json.dumps(cost))
     if args.part in ("quality", "all"):
-        q = run_quality_part(args.quick, args.workdir, args.splits)
+        q = run_quality_part(args.quick, args.workdir, args.splits, args.per_kind, args.max_tiles_per_scene)
         if "results" in result.get("quality", {}):
             result["quality"] = {}  # the pre-verification experiment's numbers are superseded
         result.setdefault("quality", {}).update(q)

@@ -14,12 +14,26 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from curation_quality import HELDOUT, KINDS, TUNE, build_pool, evaluate, ignored_pairs, run_split  # noqa: E402
+from curation_quality import (FRESH, HELDOUT, KINDS, SPLITS, TUNE, UNSEEN_KINDS, build_pool, evaluate,  # noqa: E402
+                              ignored_pairs, run_split)
 
 
 def test_splits_hold_out_whole_scenes():
     assert not set(TUNE) & set(HELDOUT)
+    assert not set(FRESH) & (set(TUNE) | set(HELDOUT))
     assert {"landsat", "gravel", "moon"} <= set(HELDOUT)  # homogeneous remote-sensing-like scenes are measured
+
+
+def test_fresh_split_plants_copy_types_calibration_never_makes(tmp_path):
+    from dinov2_repro.curation.calibrate import COPY_KINDS
+
+    assert set(SPLITS["fresh"][1]) == set(KINDS) | set(UNSEEN_KINDS)
+    # Calibration synthesises none of them (it would refuse the name) ...
+    assert not set(UNSEEN_KINDS) & set(COPY_KINDS)
+    _, truth = build_pool(tmp_path, ("rmnp_dem", "clock_motion"), per_kind=1, max_tiles_per_scene=12, seed=1,
+                          kinds=UNSEEN_KINDS)
+    # ... and the pool holds them, readable, with their source recorded.
+    assert sorted(r["kind"] for r in truth["planted"]) == sorted(UNSEEN_KINDS) and truth["kinds"] == list(UNSEEN_KINDS)
 
 
 def test_ground_truth_ignores_partial_overlaps_of_shifted_windows():
