@@ -212,7 +212,7 @@ def build_plan(cfg: DictConfig, *, nodes: int, gpus_per_node: int, gpu: GPU, mfu
 
 
 def _count(n: int) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n:,}"
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n:,}"
 
 
 def mfu_origin(anchor: dict[str, Any] | None) -> str:
