@@ -167,6 +167,12 @@ def validate_train_config(cfg: DictConfig, *, check_data: bool = True) -> None:
     ``check_data=False`` skips opening the dataset (for callers whose data is not an image dataset).
     """
     _check_lengths(cfg)
+    if cfg.train.grad_accumulation > 1 and cfg.train.centering == "sinkhorn_knopp":
+        # Softmax centres accumulate over a step's micro-batches; Sinkhorn-Knopp normalises the
+        # batch of one forward, so its global batch is one micro-batch per rank.
+        logger.warning("train.grad_accumulation=%d with train.centering=sinkhorn_knopp: Sinkhorn-Knopp normalises "
+                       "each micro-batch (batch_size_per_gpu x ranks), not the accumulated global batch",
+                       cfg.train.grad_accumulation)
     _check_choices(cfg)
     _check_crops(cfg)
     check_output_dir_writable("train.output_dir", cfg.train.output_dir)
