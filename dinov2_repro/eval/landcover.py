@@ -19,7 +19,7 @@ from .knn_classifier import images_to_tensor, knn_accuracy
 
 
 def landcover_knn_report(export_path: str | Path, *, size: int | None = None, k: int = 20, seed: int = 0,
-                         split_seeds: Sequence[int] | None = None, baselines: Sequence[str] = FEATURE_BASELINES,
+                         split_seeds: Sequence[int] | None = None, baselines: Sequence[str] = ("random_init",),
                          region: str = "heldout") -> dict[str, Any]:
     """kNN top-1 of the exported backbone and of each baseline (``knn_top1_<name>``); tiles are resized
     to ``size`` (default: the export's img_size). ``margin`` is trained minus random init (when that
@@ -27,7 +27,8 @@ def landcover_knn_report(export_path: str | Path, *, size: int | None = None, k:
 
     ``split_seeds``: average over these spatial train/test splits of the region instead of the one
     ``seed`` gives; ``per_split`` then lists each split's figures. ``region``: ``heldout`` (reported
-    figures) or ``tune`` (the pretraining blocks; for choosing settings only)."""
+    figures) or ``tune`` (the pretraining blocks; for choosing settings only). ``baselines``: any of
+    FEATURE_BASELINES; the default keeps to random init (the cheapest), ``eval landcover`` runs all."""
     trained, meta = load_backbone(export_path)
     size = int(size or meta["img_size"])
     per_split = [_one_split(trained, meta, size=size, k=k, seed=seed, split_seed=s, baselines=baselines, region=region)
