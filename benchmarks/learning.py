@@ -176,6 +176,7 @@ def main() -> None:
     parser.add_argument("--seg-iterations", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 iterations, 1 seed, not written to results/")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "learning_cpu.json"))
+    parser.add_argument("--append", action="store_true", help="merge these seeds into the variant's existing rows")
     parser.add_argument("--work-dir", default=None, help="keep the pool and run directories here (default: a temporary folder)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -217,6 +218,15 @@ def main() -> None:
         return
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.is_file() else {}
+    previous = results.get("variants", {}).get(args.variant)
+    if args.append and previous and previous.get("overrides") == overrides:
+        # Seeds evaluated in separate invocations (e.g. as their runs finish): keep the others' rows.
+        rows = {row["seed"]: row for row in previous["per_seed"]}
+        rows.update({row["seed"]: row for row in per_seed})
+        entry["per_seed"] = [rows[seed] for seed in sorted(rows)]
+        entry["seeds"] = sorted(rows)
+        entry["summary"] = summarise(entry["per_seed"])
+        entry["wall_s"] = round(previous.get("wall_s", 0.0) + entry["wall_s"], 1)
     results.setdefault("variants", {})[args.variant] = entry
     results["machine"] = machine_description(torch.device("cpu"))
     results["note"] = ("2-core machine shared with other engineers' jobs while this ran (load average ~6): "
