@@ -197,7 +197,7 @@ def main() -> None:
             train_s = train_seconds[seed]
             export = run_dir / TEACHER_EXPORT
             eval_started = time.perf_counter()
-            knn = landcover_knn_report(export, size=size, seed=seed, split_seeds=KNN_SPLIT_SEEDS)
+            knn = landcover_knn_report(export, size=size, seed=seed, split_seeds=KNN_SPLIT_SEEDS, baselines=ARMS[1:])
             row = {"seed": seed, "train_s": round(train_s, 1),
                    "knn": {arm: knn[f"knn_top1_{arm}"] for arm in ARMS},
                    "knn_majority_class": knn["majority_class_baseline"],
