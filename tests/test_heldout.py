@@ -83,3 +83,17 @@ def test_stale_sample_cache_is_rebuilt(tmp_path):
 def test_landcover_region_is_checked():
     with pytest.raises(ValueError, match="region"):
         landcover_tiles(region="all")
+
+
+def test_pretrain_scene_blanks_the_heldout_blocks(tmp_path):
+    """The scene the demo's curation tiles: held-out pixels are nodata, the others untouched."""
+    import rasterio
+
+    from dinov2_repro.data.sample_data import landsat_scene_paths, write_landsat_pretrain_scene
+
+    path = write_landsat_pretrain_scene(tmp_path / "scene.tif")
+    with rasterio.open(path) as src, rasterio.open(landsat_scene_paths().multiband) as original:
+        data, nodata, source = src.read(), src.nodata, original.read()
+    mask = heldout_mask(data.shape[1:])
+    assert (data[:, mask] == nodata).all()
+    assert np.array_equal(data[:, ~mask], source[:, ~mask])
