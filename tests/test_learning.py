@@ -3,9 +3,9 @@ compared with baselines computed in the same test, never with constants a random
 
 - kNN on land-cover tiles of the Landsat scene's held-out blocks (never in the pretraining pool:
   tests/test_heldout.py) beats the same architecture at a random init built with the trained
-  config's init values (LayerScale 1.0) by a clear margin. It does *not* beat imagestats or RCF
-  reliably (seed 0, mean of 3 probe splits: trained 0.873, RCF 0.888, imagestats 0.833; on split 0
-  alone 0.946 / 0.881 / 0.946), so those are reported (docs/results-learning.md), not asserted.
+  config's init values (LayerScale 1.0) by a clear margin, and imagestats by a small one (3 seeds in
+  benchmarks/learning.py: +0.040 to +0.081). It does *not* beat RCF reliably (+0.006 on average over
+  3 seeds, seed 0 loses: 0.873 vs 0.888), so that is reported (docs/results-learning.md), not asserted.
 - The teacher keeps a feature rank and a prototype usage comparable to the same model at init (same
   seed, same config, same tiles): a collapse guard, which the model at init passes by design.
 - Not asserted, because it does not hold by a margin at this budget: that the teacher's targets on
@@ -36,6 +36,9 @@ pytestmark = pytest.mark.slow
 # splits (one split's 168 test tiles come from few blocks: split-to-split swings reach 0.15). Measured
 # on seed 0: +0.091 on average (splits 0 / 1 / 2: 0.946 / 0.849 / 0.824 vs 0.756 / 0.807 / 0.784).
 KNN_MARGIN_RANDOM_INIT = 0.05
+# Trained minus imagestats, same average: +0.038 in the test's own run (0.871 vs 0.833), +0.040 to
+# +0.081 over the benchmark's 3 seeds.
+KNN_MARGIN_IMAGESTATS = 0.01
 PROBE_SPLITS = (0, 1, 2)
 # Collapse shows as RankMe ~1 and a handful of prototypes: the trained teacher must keep at least
 # this fraction of what the same model at init has on the same tiles (measured on seed 0: RankMe
@@ -96,9 +99,10 @@ def init_vs_trained(trained_run):
     return stats
 
 
-def test_knn_beats_random_init_on_heldout_blocks(knn_report):
+def test_knn_beats_random_init_and_imagestats_on_heldout_blocks(knn_report):
     assert knn_report["region"] == "heldout" and knn_report["layerscale_init"] == 1.0, knn_report
     assert knn_report["knn_top1_trained"] >= knn_report["knn_top1_random_init"] + KNN_MARGIN_RANDOM_INIT, knn_report
+    assert knn_report["knn_top1_trained"] >= knn_report["knn_top1_imagestats"] + KNN_MARGIN_IMAGESTATS, knn_report
 
 
 def test_no_collapse_relative_to_the_model_at_init(init_vs_trained):
