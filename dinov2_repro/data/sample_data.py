@@ -32,6 +32,20 @@ NATURAL_IMAGE_NAMES = (
     "immunohistochemistry", "colorwheel", "camera", "brick", "grass", "gravel", "moon",
 )
 _MARKER = ".demo_image_folder.json"
+# Version of what write_demo_image_folder writes: bump it whenever the pool's content changes so a
+# cached build (Sample: under $DINOV2_REPRO_CACHE, the tests' session folder) is rebuilt, not reused.
+# 2: the Landsat tiles leave out the held-out probe blocks (HELDOUT_BLOCK_PX).
+DEMO_FOLDER_VERSION = 2
+
+# Held-out regions of the Landsat scene (issue 20 item 2). The scene is cut into
+# HELDOUT_BLOCK_PX x HELDOUT_BLOCK_PX blocks (4 x 5 over its 443 x 489 px) coloured like a
+# checkerboard: blocks with (row_block + col_block) even are *held out* - no pretraining pool built
+# here contains a pixel of them, and the land-cover probe reports on them. The odd blocks are the
+# pretraining region; their labelled tiles are the *tuning* split (transductive, so only for choosing
+# recipe or probe settings, never for reported figures). 112 px = 2 demo tiles (56 px) = 4 probe tiles
+# (28 px): tiles of either size cut from the origin never straddle two blocks.
+HELDOUT_BLOCK_PX = 112
+LANDCOVER_REGIONS = ("heldout", "tune")
 
 
 def package_dir(name: str) -> Path:
@@ -124,6 +138,25 @@ def write_landsat_stack(out_path: str | os.PathLike) -> Path:
     return out_path
 
 
+def landsat_block_is_heldout(row_block: int, col_block: int) -> bool:
+    """Whether block (row_block, col_block) of the HELDOUT_BLOCK_PX grid is held out of pretraining."""
+    return (row_block + col_block) % 2 == 0
+
+
+def heldout_mask(shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: True on the pixels of the held-out probe blocks of the Landsat scene."""
+    rows = np.arange(shape[0]) // HELDOUT_BLOCK_PX
+    cols = np.arange(shape[1]) // HELDOUT_BLOCK_PX
+    return (rows[:, None] + cols[None, :]) % 2 == 0
+
+
+def window_overlaps_heldout(row: int, col: int, height: int, width: int) -> bool:
+    """Whether the pixel window [row, row + height) x [col, col + width) touches a held-out block."""
+    first_r, last_r = row // HELDOUT_BLOCK_PX, (row + height - 1) // HELDOUT_BLOCK_PX
+    first_c, last_c = col // HELDOUT_BLOCK_PX, (col + width - 1) // HELDOUT_BLOCK_PX
+    return any(landsat_block_is_heldout(r, c) for r in range(first_r, last_r + 1) for c in range(first_c, last_c + 1))
+
+
 def _tiles(image: np.ndarray, tile: int, stride: int, valid: np.ndarray | None = None):
     height, width = image.shape[:2]
     for col, row, _, _ in tile_windows(width, height, tile, stride):
@@ -139,12 +172,13 @@ def _fit_short_side(image: np.ndarray, side: int) -> np.ndarray:
 
 
 def write_demo_image_folder(out_dir: str | os.PathLike, *, tile: int = 56, stride: int | None = None) -> Path:
-    """An ImageFolder of PNG tiles: ``landsat/`` (true colour, nodata-free tiles), ``rmnp/`` and
-    ``natural/`` (each photo resized to a short side of 2 tiles). Built in a temporary sibling folder
-    and moved into place; returns at once if ``out_dir`` already holds the same build."""
+    """An ImageFolder of PNG tiles: ``landsat/`` (true colour, nodata-free tiles of the pretraining
+    blocks only: no tile touches a held-out block, see HELDOUT_BLOCK_PX), ``rmnp/`` and ``natural/``
+    (each photo resized to a short side of 2 tiles). Built in a temporary sibling folder and moved
+    into place; returns at once if ``out_dir`` already holds the same build (same version)."""
     out_dir = Path(out_dir)
     stride = stride or tile
-    params = {"tile": tile, "stride": stride, "version": 1}
+    params = {"tile": tile, "stride": stride, "version": DEMO_FOLDER_VERSION}
     marker = out_dir / _MARKER
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return out_dir
@@ -155,7 +189,8 @@ def write_demo_image_folder(out_dir: str | os.PathLike, *, tile: int = 56, strid
     try:
         sources: list[tuple[str, str, np.ndarray, np.ndarray | None]] = []
         rgb, valid = landsat_rgb()
-        sources.append(("landsat", "lsat7_2000", rgb, valid))
+        # The held-out blocks count as invalid: a tile with any of their pixels is never written.
+        sources.append(("landsat", "lsat7_2000", rgb, valid & ~heldout_mask(valid.shape)))
         import rasterio
 
         with rasterio.open(rmnp_rgb_path()) as src:
@@ -180,6 +215,26 @@ def write_demo_image_folder(out_dir: str | os.PathLike, *, tile: int = 56, strid
     return out_dir
 
 
+def write_landsat_pretrain_scene(out_path: str | os.PathLike) -> Path:
+    """landsat_multiband.tif (ETM+ 1-5) with every held-out block set to the scene's nodata value
+    (atomic): the scene a curation pool may tile without seeing the probe's regions."""
+    import rasterio
+
+    out_path = Path(out_path)
+    with rasterio.open(landsat_scene_paths().multiband) as src:
+        profile, data = src.profile.copy(), src.read()
+    nodata = profile.get("nodata")
+    if nodata is None:
+        nodata = -99999.0
+        profile.update(nodata=nodata)
+    data[:, heldout_mask(data.shape[1:])] = nodata
+    profile.update(driver="GTiff")
+    with atomic_output(out_path, suffix=".tif") as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(data)
+    return out_path
+
+
 def landcover_labels() -> tuple[np.ndarray, np.ndarray]:
     """strata.tif as (H, W) int64 class indices 0..6 (LANDCOVER_CLASSES) and its valid mask."""
     data, valid = _read_band(strata_path())
@@ -197,8 +252,14 @@ def landcover_tiles(
     block: int | None = None,
     test_fraction: float = 0.3,
     min_class_tiles: int = 5,
+    region: str = "heldout",
+    windows_out: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Labelled uint8 RGB tiles of the Landsat scene for kNN / linear evaluation.
+
+    ``region``: ``heldout`` (default) keeps only tiles inside the held-out blocks, which no pretraining
+    pool of this module contains; ``tune`` keeps only tiles of the pretraining blocks (for choosing
+    settings; figures on it are transductive and are not reported as results).
 
     A tile's label is its majority strata class (index into LANDCOVER_CLASSES); tiles with purity
     < ``min_purity`` or any nodata are dropped. Spatially disjoint split: the scene is cut into
@@ -207,53 +268,63 @@ def landcover_tiles(
     sent to test while their dominant class has less than ``test_fraction`` of its tiles in test,
     which keeps every class present on both sides. Classes with fewer than ``min_class_tiles`` tiles
     in either split are dropped (at tile 28 only developed, herbaceous and forest survive).
-    Returns (train_images (N, tile, tile, 3), train_labels (N,), test_images, test_labels).
+    Returns (train_images (N, tile, tile, 3), train_labels (N,), test_images, test_labels); when
+    ``windows_out`` is a dict, its ``train`` and ``test`` entries are set to each tile's (row, col)
+    in the scene (N, 2), so callers can check where the tiles come from.
     """
-    stride = stride or max(1, tile // 2)
+    if region not in LANDCOVER_REGIONS:
+        raise ValueError(f"landcover_tiles: region must be one of {LANDCOVER_REGIONS}, got {region!r}")
+    # A quarter-tile stride: the held-out blocks are half the scene, and denser tiles keep ~170 test
+    # tiles (neighbours overlap within a split, never across: see below).
+    stride = stride or max(1, tile // 4)
     block = block or 2 * tile
     if block < tile:
         raise ValueError(f"landcover_tiles: block ({block}) must be >= tile ({tile})")
     n_classes = len(LANDCOVER_CLASSES)
     rgb, rgb_valid = landsat_rgb()
     labels, label_valid = landcover_labels()
-    valid = rgb_valid & label_valid
-    per_block: dict[tuple[int, int], list[tuple[np.ndarray, int]]] = {}
+    heldout = heldout_mask(rgb_valid.shape)
+    valid = rgb_valid & label_valid & (heldout if region == "heldout" else ~heldout)
+    per_block: dict[tuple[int, int], list[tuple[np.ndarray, int, tuple[int, int]]]] = {}
     for row, col, crop in _tiles(rgb, tile, stride, valid):
         key = (row // block, col // block)
         if ((row + tile - 1) // block, (col + tile - 1) // block) != key:
             continue  # straddles two blocks: it could overlap a tile of the other split
         counts = np.bincount(labels[row : row + tile, col : col + tile].ravel(), minlength=n_classes)
         if counts.max() >= min_purity * tile * tile:
-            per_block.setdefault(key, []).append((crop, int(counts.argmax())))
+            per_block.setdefault(key, []).append((crop, int(counts.argmax()), (row, col)))
 
     keys = sorted(per_block)
     order = np.random.default_rng(seed).permutation(len(keys))
     total = np.zeros(n_classes)
     for items in per_block.values():
-        total += np.bincount([label for _, label in items], minlength=n_classes)
+        total += np.bincount([label for _, label, _ in items], minlength=n_classes)
     in_test = np.zeros(n_classes)
-    split: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
+    split: dict[bool, tuple[list, list, list]] = {False: ([], [], []), True: ([], [], [])}
     for k in order:
         items = per_block[keys[k]]
-        counts = np.bincount([label for _, label in items], minlength=n_classes)
+        counts = np.bincount([label for _, label, _ in items], minlength=n_classes)
         dominant = int(counts.argmax())
         to_test = in_test[dominant] < test_fraction * total[dominant]
         if to_test:
             in_test += counts
-        for crop, label in items:
+        for crop, label, position in items:
             split[bool(to_test)][0].append(crop)
             split[bool(to_test)][1].append(label)
+            split[bool(to_test)][2].append(position)
 
     train_counts = np.bincount(split[False][1], minlength=n_classes)
     test_counts = np.bincount(split[True][1], minlength=n_classes)
     kept = (train_counts >= min_class_tiles) & (test_counts >= min_class_tiles)
 
-    def arrays(images: list, targets: list) -> tuple[np.ndarray, np.ndarray]:
+    def arrays(images: list, targets: list, positions: list, name: str) -> tuple[np.ndarray, np.ndarray]:
         keep = [i for i, t in enumerate(targets) if kept[t]]
+        if windows_out is not None:
+            windows_out[name] = np.asarray([positions[i] for i in keep], dtype=np.int64).reshape(-1, 2)
         if not keep:
             return np.zeros((0, tile, tile, 3), np.uint8), np.zeros(0, np.int64)
         return np.stack([images[i] for i in keep]), np.asarray([targets[i] for i in keep], dtype=np.int64)
 
-    train_x, train_y = arrays(*split[False])
-    test_x, test_y = arrays(*split[True])
+    train_x, train_y = arrays(*split[False], "train")
+    test_x, test_y = arrays(*split[True], "test")
     return train_x, train_y, test_x, test_y

@@ -43,42 +43,56 @@ def _dataset_tensors(spec: str, *, size: int, mean: Sequence[float], std: Sequen
 
 def run_knn(args: argparse.Namespace) -> dict:
     from ..backbone_file import load_backbone
+    from .baselines import build_feature_baseline, parse_baselines
     from .knn_classifier import extract_features, knn_predict
 
+    baselines = parse_baselines(args.baselines)
     model, meta = load_backbone(args.backbone)
     size = args.size or int(meta["img_size"])
     train_x, train_y = _dataset_tensors(args.train, size=size, mean=meta["mean"], std=meta["std"])
     val_x, val_y = _dataset_tensors(args.val, size=size, mean=meta["mean"], std=meta["std"])
-    predictions = knn_predict(extract_features(model, train_x), train_y, extract_features(model, val_x), k=args.k,
-                              temperature=args.temperature, num_classes=int(max(train_y.max(), val_y.max())) + 1)
-    return {"task": "knn", "backbone": str(args.backbone), "k": args.k, "top1": float((predictions == val_y).float().mean()),
-            "n_train": len(train_y), "n_val": len(val_y), "size_px": size}
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+
+    def top1(features_model: torch.nn.Module) -> float:
+        predictions = knn_predict(extract_features(features_model, train_x), train_y, extract_features(features_model, val_x),
+                                  k=args.k, temperature=args.temperature, num_classes=num_classes)
+        return float((predictions == val_y).float().mean())
+
+    result = {"task": "knn", "backbone": str(args.backbone), "k": args.k, "top1": top1(model),
+              "n_train": len(train_y), "n_val": len(val_y), "size_px": size}
+    for name in baselines:
+        result[f"top1_{name}"] = top1(build_feature_baseline(name, meta=meta, train_images=train_x))
+    return result
 
 
 def run_landcover(args: argparse.Namespace) -> dict:
+    from .baselines import parse_baselines
     from .landcover import landcover_knn_report
 
     return {"task": "landcover_knn", "backbone": str(args.backbone),
-            **landcover_knn_report(args.backbone, size=args.size or None, k=args.k)}
+            **landcover_knn_report(args.backbone, size=args.size or None, k=args.k, baselines=parse_baselines(args.baselines),
+                                   region=args.region)}
 
 
 def run_linear(args: argparse.Namespace) -> dict:
     import torch
 
     from ..backbone_file import load_backbone
+    from .baselines import build_feature_baseline, parse_baselines
     from .linear import linear_probe
 
+    baselines = parse_baselines(args.baselines)
     model, meta = load_backbone(args.backbone)
     size = args.size or int(meta["img_size"])
     if args.landcover:
         from ..data.sample_data import LANDCOVER_CLASSES, landcover_tiles
         from .knn_classifier import images_to_tensor
 
-        train_x, train_y, val_x, val_y = landcover_tiles()
+        train_x, train_y, val_x, val_y = landcover_tiles(region=args.region)
         to_tensor = lambda x: images_to_tensor(x, mean=meta["mean"], std=meta["std"], size=size)  # noqa: E731
         train_t, val_t = to_tensor(train_x), to_tensor(val_x)
         train_l, val_l = torch.as_tensor(train_y).long(), torch.as_tensor(val_y).long()
-        names, data = list(LANDCOVER_CLASSES), "landcover"
+        names, data = list(LANDCOVER_CLASSES), f"landcover ({args.region} blocks)"
     elif args.train and args.val:
         from ..data import build_dataset
 
@@ -87,9 +101,13 @@ def run_linear(args: argparse.Namespace) -> dict:
         names, data = list(getattr(build_dataset(args.train), "classes", []) or []) or None, f"{args.train} -> {args.val}"
     else:
         raise ConfigError("eval linear: give --train and --val dataset specs, or --landcover")
-    result = linear_probe(model, train_t, train_l, val_t, val_l, class_names=names, lrs=_floats(args.lrs, "--lrs"),
-                          n_blocks=args.n_blocks, epochs=args.epochs)
-    return {"task": "linear", "backbone": str(args.backbone), "data": data, "size_px": size, **result}
+    probe = dict(class_names=names, lrs=_floats(args.lrs, "--lrs"), n_blocks=args.n_blocks, epochs=args.epochs)
+    result = linear_probe(model, train_t, train_l, val_t, val_l, **probe)
+    # The same probe (lr sweep included) on each cheap baseline's features.
+    compared = {name: linear_probe(build_feature_baseline(name, meta=meta, train_images=train_t), train_t, train_l, val_t,
+                                   val_l, **probe) for name in baselines}
+    extra = {"baselines": {name: {"top1": r["top1"], "lr": r["lr"], "feature_dim": r["feature_dim"]} for name, r in compared.items()}}
+    return {"task": "linear", "backbone": str(args.backbone), "data": data, "size_px": size, **result, **extra}
 
 
 def _floats(text: str, option: str) -> list[float]:
@@ -168,6 +186,16 @@ def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", type=Path, default=None, help="run directory (seg_run.json, head, metrics / curves)")
 
 
+def _add_baseline_arguments(p: argparse.ArgumentParser, *, region: bool) -> None:
+    p.add_argument("--baselines", default="random_init,imagestats,rcf",
+                   help="feature baselines evaluated the same way: random_init (the export's architecture and init "
+                        "values), imagestats (per-band mean/std/quantiles), rcf (512 random 3x3 conv features); 'none'")
+    if region:
+        p.add_argument("--region", choices=["heldout", "tune"], default="heldout",
+                       help="land-cover tiles of the held-out blocks (never in a pretraining pool; reported figures) "
+                            "or of the pretraining blocks (for tuning only)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="frozen-backbone evaluations: knn, landcover, linear, seg",
                                    description="Frozen-backbone evaluations of an exported backbone.")
@@ -180,6 +208,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--k", type=int, default=20)
         p.add_argument("--size", type=int, default=0, help="input size in px (default: the export's img_size)")
         p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here too")
+        _add_baseline_arguments(p, region=task == "landcover")
         if task == "knn":
             p.add_argument("--train", required=True, help="labelled dataset spec, e.g. ImageFolder:root=D:labels=subdirs")
             p.add_argument("--val", required=True, help="labelled dataset spec")
@@ -196,6 +225,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--size", type=int, default=0, help="input size in px (default: the export's img_size)")
     p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here too")
+    _add_baseline_arguments(p, region=True)
     p.set_defaults(run=run_eval)
     p = tasks.add_parser("seg", help="segmentation: frozen backbone + linear/unet/upernet decoder; label efficiency",
                          description="Frozen-backbone segmentation on image+mask pairs; --n-labelled for label efficiency.")

@@ -27,9 +27,16 @@ def images_to_tensor(images: np.ndarray | Tensor, *, mean: Sequence[float], std:
 def extract_features(model: nn.Module, images: Tensor, *, batch_size: int = 128) -> Tensor:
     """L2-normalised CLS features of a normalised image tensor."""
     model.eval()
-    device = next(model.parameters()).device
+    device = _device_of(model)
     features = [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
     return F.normalize(torch.cat(features), dim=1)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    # Feature baselines (imagestats, RCF) hold buffers only; a module with neither runs on CPU.
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Tensor, *, k: int = 20,

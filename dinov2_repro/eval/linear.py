@@ -13,10 +13,14 @@ from torch import Tensor, nn
 
 @torch.no_grad()
 def linear_features(model: nn.Module, images: Tensor, *, n_blocks: int = 1, batch_size: int = 64) -> Tensor:
-    """(N, (n_blocks + 1) * D): CLS of the last ``n_blocks`` blocks + mean patch token of the last block."""
+    """(N, (n_blocks + 1) * D): CLS of the last ``n_blocks`` blocks + mean patch token of the last block.
+    A module without ``get_intermediate_layers`` (a feature baseline, eval.baselines) gives its own
+    features."""
     if n_blocks not in (1, 4):
         raise ValueError(f"n_blocks must be 1 or 4, got {n_blocks}")
     model.eval()
+    if not hasattr(model, "get_intermediate_layers"):
+        return torch.cat([model(images[i:i + batch_size]).float() for i in range(0, len(images), batch_size)])
     chunks = []
     for i in range(0, len(images), batch_size):
         outputs = model.get_intermediate_layers(images[i:i + batch_size], n=n_blocks, return_class_token=True)
