@@ -88,11 +88,14 @@ def _read_header(path: Path) -> dict[str, Any] | None:
 
 def teacher_bundle_file(path: str | os.PathLike) -> Path | None:
     """``path`` resolved when it is a teacher bundle; None for anything else (a directory, a
-    backbone export). A ``.safetensors`` file that cannot be read is a ValueError naming it."""
+    backbone export, an unreadable file: the caller's own message for those applies)."""
     path = Path(path)
     if not path.is_file() or path.suffix != ".safetensors":
         return None
-    header = _read_header(path)
+    try:
+        header = _read_header(path)
+    except ValueError:
+        return None
     if header.get("format") != FORMAT_NAME:
         return None
     if int(header.get("format_version", 0)) > FORMAT_VERSION:

@@ -100,19 +100,17 @@ def student_specs(cfg: DictConfig) -> list[StudentSpec]:
 
 # ---- teacher -------------------------------------------------------------------------------
 def resolve_teacher_checkpoint(path: str | os.PathLike) -> Path:
-    """The teacher's DCP checkpoint directory, or a ConfigError that says what to pass instead."""
+    """The teacher's DCP checkpoint directory (or teacher bundle file), or a ConfigError that says what to pass instead."""
     if not str(path):
         raise ConfigError("no teacher: pass --teacher RUN_DIR_OR_CHECKPOINT (or distill.teacher=...)")
     path = Path(path)
-    try:
-        bundle = teacher_bundle_file(path)  # a shareable `export --with-heads` file
-    except ValueError as err:
-        raise ConfigError(f"distill.teacher: {err}") from None
+    bundle = teacher_bundle_file(path)  # a shareable `export --with-heads` file
     if bundle is not None:
         return bundle
     if path.is_file() or (path / "export").is_dir() and not (path / "checkpoints").is_dir():
         raise ConfigError(f"distill.teacher={path} is a backbone export without the DINO/iBOT heads; distillation "
-                          "needs the heads: pass the pretraining run directory or one of its checkpoints/iter_* directories")
+                          "needs the heads: pass the pretraining run directory, one of its checkpoints/iter_* directories "
+                          "or a teacher bundle (`dinov2-repro export --with-heads`)")
     if not path.exists():
         raise ConfigError(f"distill.teacher={path} does not exist")
     try:
