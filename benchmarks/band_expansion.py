@@ -112,12 +112,12 @@ def main() -> None:
         for name in variants:
             bands, expand = VARIANTS[name]
             spec = ModelSpec(name=name, kind="vit", backbone=str(args.backbone), decoder=args.decoder, expand_bands=expand)
-            runs = []
+            runs, n_tiles = [], {}
             for split_seed in split_seeds:  # the same tiles for every band selection of a split
                 data = prepare_data(data="landsat", workdir=Path(workdir), tile=args.tile, bands=bands, split_seed=split_seed)
                 runs += [{"split_seed": split_seed, **run}
                          for run in seed_runs(spec, data, seeds=seeds, lrs=lrs, iterations=args.iterations)]
-                n_tiles = {s: len(data.labels[s]) for s in SPLITS}
+                n_tiles[f"split_{split_seed}"] = {s: len(data.labels[s]) for s in SPLITS}
             results[name] = {"bands_read": bands or [1, 2, 3, 4, 5, 6], "expand_bands": expand, "n_tiles": n_tiles,
                              "runs": runs, "test_miou": _summary([r["test_miou"] for r in runs]),
                              "test_pixel_accuracy": _summary([r["test_pixel_accuracy"] for r in runs])}
@@ -131,6 +131,7 @@ def main() -> None:
     machine["load_average_at_end"] = os.getloadavg()
     report = {
         "benchmark": "band_expansion",
+        "command": "python benchmarks/band_expansion.py " + " ".join(sys.argv[1:]),
         "machine": machine,
         "settings": {"data": "landsat (shipped Landsat-7 scene, ETM+ bands 1,2,3,4,5,7; strata land-cover map, 7 classes)",
                      "tile_px": args.tile, "split_seeds": split_seeds, "seeds": seeds, "iterations": args.iterations,
