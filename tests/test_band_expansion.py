@@ -117,7 +117,6 @@ def _five_band_folder(root: Path) -> Path:
     return root
 
 
-@pytest.mark.slow  # 13 s measured under load (2 cores, load average ~15): imports the segmentation stack, 2 tiny heads
 def test_eval_seg_expand_bands_then_predict(rgb_export, tmp_path, capsys, one_torch_thread):
     from dinov2_repro.cli import main
 

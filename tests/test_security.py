@@ -110,7 +110,6 @@ def _assert_refused(capsys, marker: Path, argv: list[str], *fragments: str) -> N
         assert fragment in err, (fragment, err)
 
 
-@pytest.mark.slow  # ~6 s idle: one in-process resume per crafted file
 def test_crafted_pickles_are_never_run(teacher_run, image_root, tmp_path, capsys, one_torch_thread):
     marker = tmp_path / "PWNED"
 
