@@ -286,9 +286,18 @@ def read_backbone_file(path: str | os.PathLike, *, device: str | torch.device = 
     return tensors, _decode_metadata(raw_meta, path)
 
 
-def load_backbone(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[DinoVisionTransformer, dict[str, Any]]:
-    """Rebuild our backbone from an export's header alone and load its weights strictly."""
+def load_backbone(path: str | os.PathLike, *, device: str | torch.device = "cpu", in_chans: int | None = None,
+                  rgb_bands: Sequence[int] | None = None) -> tuple[DinoVisionTransformer, dict[str, Any]]:
+    """Rebuild our backbone from an export's header alone and load its weights strictly.
+
+    ``in_chans`` other than the file's expands an RGB patch embedding to that many bands;
+    ``rgb_bands`` (0-based) names the input bands that are red, green and blue (rules in
+    :mod:`dinov2_repro.band_expansion`). The returned header then describes the expanded model."""
     tensors, meta = read_backbone_file(path, device=device)
+    if in_chans is not None or rgb_bands is not None:
+        from .band_expansion import expand_backbone_bands
+
+        tensors, meta = expand_backbone_bands(tensors, meta, in_chans=in_chans, rgb_bands=rgb_bands, source=str(path))
     kwargs = model_kwargs_from_metadata(meta)
     arch = meta["arch"]
     model = build_vit(arch, **kwargs) if arch in _ARCHS else DinoVisionTransformer(**kwargs)

@@ -13,7 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config-file", default=None,
                    help="experiment YAML (e.g. configs/distill/vitg14_to_vitl14.yaml) merged over the SSL and distill defaults")
     p.add_argument("--teacher", default=None,
-                   help="pretraining run directory or checkpoints/iter_* directory of the teacher (overrides distill.teacher)")
+                   help="the teacher: a pretraining run directory, one of its checkpoints/iter_* directories, or a teacher "
+                        "bundle from `export --with-heads` (overrides distill.teacher)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distill.students=[vit_base,vit_large]")
     add_launcher_arguments(p)
     p.set_defaults(run=run)

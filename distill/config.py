@@ -1,9 +1,9 @@
 """Distillation config: the SSL defaults plus ``configs/distill/distill_defaults.yaml``, an
 experiment YAML, ``key=value`` overrides, then the teacher checkpoint's own facts.
 
-Everything here is cheap (YAML, the checkpoint's ``meta.pt`` and DCP index): the CLI calls it
-before launching, so a wrong teacher path or a mismatched architecture fails in a second,
-not after a Slurm queue wait.
+Everything here is cheap (YAML, the checkpoint's ``meta.json`` and DCP index, or a teacher
+bundle's header): the CLI calls it before launching, so a wrong teacher path or a mismatched
+architecture fails in a second, not after a Slurm queue wait.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dinov2_repro.config import CONFIG_DIR, DEFAULTS_PATH, ConfigError, load_config
 from dinov2_repro.models import build_vit
+from dinov2_repro.teacher_bundle import bundle_config, bundle_weight_names, teacher_bundle_file
 from dinov2_repro.train.checkpoint import read_meta, resolve_checkpoint
 
 logger = logging.getLogger("dinov2_repro")
@@ -99,13 +100,17 @@ def student_specs(cfg: DictConfig) -> list[StudentSpec]:
 
 # ---- teacher -------------------------------------------------------------------------------
 def resolve_teacher_checkpoint(path: str | os.PathLike) -> Path:
-    """The teacher's DCP checkpoint directory, or a ConfigError that says what to pass instead."""
+    """The teacher's DCP checkpoint directory (or teacher bundle file), or a ConfigError that says what to pass instead."""
     if not str(path):
         raise ConfigError("no teacher: pass --teacher RUN_DIR_OR_CHECKPOINT (or distill.teacher=...)")
     path = Path(path)
+    bundle = teacher_bundle_file(path)  # a shareable `export --with-heads` file
+    if bundle is not None:
+        return bundle
     if path.is_file() or (path / "export").is_dir() and not (path / "checkpoints").is_dir():
         raise ConfigError(f"distill.teacher={path} is a backbone export without the DINO/iBOT heads; distillation "
-                          "needs the heads: pass the pretraining run directory or one of its checkpoints/iter_* directories")
+                          "needs the heads: pass the pretraining run directory, one of its checkpoints/iter_* directories "
+                          "or a teacher bundle (`dinov2-repro export --with-heads`)")
     if not path.exists():
         raise ConfigError(f"distill.teacher={path} does not exist")
     try:
@@ -115,16 +120,23 @@ def resolve_teacher_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def _checkpoint_keys(checkpoint: Path) -> set[str]:
+    """The teacher's tensor names as the DCP checkpoint spells them (``model.teacher.dino_head...``);
+    a bundle's ``dino_head.*`` etc. are mapped to the same names."""
     import torch.distributed.checkpoint as dcp
 
+    if teacher_bundle_file(checkpoint) is not None:
+        return {f"model.teacher.{name}" for name in bundle_weight_names(checkpoint)}
     return set(dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
 
 
 def teacher_config(checkpoint: Path) -> DictConfig:
-    """The resolved config the teacher was trained with (from the checkpoint's meta.pt)."""
+    """The resolved config the teacher was trained with (from the checkpoint's meta.json, or
+    the sections a teacher bundle carries)."""
+    if teacher_bundle_file(checkpoint) is not None:
+        return bundle_config(checkpoint)
     meta = read_meta(checkpoint)
     if "config" not in meta:
-        raise ConfigError(f"distill.teacher={checkpoint}: meta.pt has no training config; not a pretraining checkpoint")
+        raise ConfigError(f"distill.teacher={checkpoint}: meta.json has no training config; not a pretraining checkpoint")
     return OmegaConf.create(meta["config"])
 
 
@@ -152,7 +164,7 @@ def attach_teacher(cfg: DictConfig) -> DictConfig:
         expected = cfg.distill.get(f"teacher_{key}")
         if expected not in ("", 0, None) and expected != actual:
             raise ConfigError(f"distill.teacher_{key}={expected!r} but the teacher checkpoint {checkpoint} has "
-                              f"{key}={actual!r} (from its meta.pt config); fix the config or pick the right teacher")
+                              f"{key}={actual!r} (from its training config); fix the config or pick the right teacher")
         cfg.distill[f"teacher_{key}"] = actual
     if source.ibot.separate_head and not any(k.startswith("model.teacher.ibot_head.") for k in keys):
         raise ConfigError(f"distill.teacher={checkpoint}: its config has ibot.separate_head=true but no iBOT head weights")

@@ -1,5 +1,5 @@
 """The distillation meta-architecture: a frozen teacher (backbone + DINO/iBOT heads from a
-pretraining checkpoint) and one or more students, each with fresh heads and an EMA copy of
+pretraining checkpoint or a teacher bundle) and one or more students, each with fresh heads and an EMA copy of
 its backbone (the exported model). It satisfies ``dinov2_repro.train.contract.MetaArch`` and
 runs in the generic loop unchanged.
 
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from dinov2_repro.distributed.fsdp import local_tensor
 from dinov2_repro.losses import DINOLoss, KoLeoLoss, SoftmaxCentering, iBOTPatchLoss
+from dinov2_repro.teacher_bundle import build_bundle_teacher, bundle_centers, teacher_bundle_file
 from dinov2_repro.train.checkpoint import _single_process_quiet
 from dinov2_repro.train.meta_arch import SSLMetaArch, _head, build_backbone
 from dinov2_repro.train.optim import build_param_groups
@@ -36,9 +37,12 @@ logger = logging.getLogger("dinov2_repro")
 def build_teacher(checkpoint: str | Path, *, attention_backend: str = "auto") -> tuple[nn.ModuleDict, DictConfig]:
     """(frozen {backbone, dino_head[, ibot_head]} loaded from ``checkpoint``, its training config).
 
-    Only the ``teacher.*`` tensors are read from the DCP checkpoint, whatever world size wrote it."""
+    Only the ``teacher.*`` tensors are read from the DCP checkpoint, whatever world size wrote it.
+    ``checkpoint`` may also be a teacher bundle (``export --with-heads``): the same teacher."""
     import torch.distributed.checkpoint as dcp
 
+    if teacher_bundle_file(checkpoint) is not None:
+        return build_bundle_teacher(checkpoint, attention_backend=attention_backend)
     source = teacher_config(Path(checkpoint))
     backbone = build_backbone(source.student, img_size=source.crops.global_crops_size, drop_path_rate=0.0,
                               attn_backend=attention_backend)
@@ -60,6 +64,12 @@ def _load_centers(checkpoint: str | Path, centers: dict[str, SoftmaxCentering]) 
     """Start the softmax centers from the teacher run's own (when it used softmax centering)."""
     import torch.distributed.checkpoint as dcp
 
+    if teacher_bundle_file(checkpoint) is not None:
+        for which, center in bundle_centers(checkpoint).items():
+            if which in centers and tuple(center.shape) == tuple(centers[which].center.shape):
+                centers[which].center.copy_(center)
+                logger.info("teacher %s center loaded from %s", which, checkpoint)
+        return
     reader = dcp.FileSystemReader(str(checkpoint))
     known = reader.read_metadata().state_dict_metadata
     state = {"model": {f"{which}_center.center": c.center for which, c in centers.items()

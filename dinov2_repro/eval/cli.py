@@ -129,6 +129,13 @@ def run_seg(args: argparse.Namespace) -> dict:
     from .segmentation.train import ModelSpec, prepare_data, run_segmentation
 
     out_dir = Path(args.out_dir) if args.out_dir else None
+    if args.expand_bands:  # the format is checked before any data is read; the band numbers once it is
+        from ..band_expansion import parse_band_expansion
+
+        try:
+            parse_band_expansion(args.expand_bands)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     # The shipped example writes its 6-band stack into the run directory (a temporary one without --out-dir).
     workdir = out_dir or Path(tempfile.mkdtemp(prefix="dinov2_repro_seg_"))
     data = prepare_data(data=args.data, workdir=workdir, tile=args.tile,
@@ -136,7 +143,11 @@ def run_seg(args: argparse.Namespace) -> dict:
                         class_names=args.class_names.split(",") if args.class_names else None,
                         ignore_index=args.ignore_index, split_seed=args.split_seed)
     kind = "vit" if args.backbone else "supervised"
-    main_spec = ModelSpec(name=args.name, kind=kind, backbone=str(args.backbone) if args.backbone else None, decoder=args.decoder)
+    if args.expand_bands and not args.backbone:
+        raise ConfigError("--expand-bands needs --backbone (it expands that backbone's RGB patch embedding)")
+    expand = args.expand_bands or None
+    main_spec = ModelSpec(name=args.name, kind=kind, backbone=str(args.backbone) if args.backbone else None, decoder=args.decoder,
+                          expand_bands=expand)
     if not args.n_labelled:
         return run_segmentation(main_spec, data, out_dir=out_dir, lrs=_floats(args.lrs, "--lrs"), iterations=args.iterations,
                                 batch_size=args.batch_size, seed=args.seed)
@@ -147,12 +158,13 @@ def run_seg(args: argparse.Namespace) -> dict:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--compare {item}: expected NAME=BACKBONE.safetensors")
-        specs.append(ModelSpec(name=name, kind="vit", backbone=path, decoder=args.decoder))
+        specs.append(ModelSpec(name=name, kind="vit", backbone=path, decoder=args.decoder, expand_bands=expand))
     for baseline in [b for b in args.baselines.split(",") if b]:
         if baseline == "random_init":
             if not args.backbone:
                 raise ConfigError("--baselines random_init needs --backbone (it rebuilds that architecture)")
-            specs.append(ModelSpec(name="random_init", kind="random_init", backbone=str(args.backbone), decoder=args.decoder))
+            specs.append(ModelSpec(name="random_init", kind="random_init", backbone=str(args.backbone), decoder=args.decoder,
+                                   expand_bands=expand))
         elif baseline in ("spectral", "supervised"):
             specs.append(ModelSpec(name=baseline, kind=baseline))
         else:
@@ -171,6 +183,10 @@ def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", choices=["linear", "unet", "upernet"], default="unet")
     p.add_argument("--tile", type=int, default=56, help="tile size in px (a multiple of the patch size)")
     p.add_argument("--bands", default=None, help="1-based bands to read, e.g. 3,2,1 (default: all)")
+    p.add_argument("--expand-bands", default=None, metavar="mean|R,G,B",
+                   help="run an RGB backbone on more bands: 'mean' (bands 1-3 are R,G,B, the others get the mean RGB "
+                        "filter, all scaled by 3/N) or the 1-based bands that are red, green, blue among those read, "
+                        "e.g. 3,2,1 for Landsat (see docs/band_expansion.md)")
     p.add_argument("--classes", default=None, help="mask values that are classes, in order (default: those found)")
     p.add_argument("--class-names", default=None, help="comma-separated names, one per class")
     p.add_argument("--ignore-index", type=int, default=255, help="mask value excluded from loss and metrics")

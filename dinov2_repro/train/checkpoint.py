@@ -2,14 +2,22 @@
 
 Layout: ``checkpoints/iter_XXXXXXXX/`` holds the model and optimiser state written with
 torch.distributed.checkpoint (DCP; each rank writes its own shards, keyed by parameter name,
-so a run can resume at another world size), ``meta.pt`` (iteration, world size, resolved
-config) and ``rng_rank<k>.pt`` per rank. ``checkpoints/last`` names the newest complete one.
-A checkpoint is written under a temporary name and renamed only once every rank has
-finished; the pointer is replaced after that, so a crash never leaves a half checkpoint.
+so a run can resume at another world size), ``meta.json`` (iteration, world size, resolved
+config, loss-scaler state) and ``rng_rank<k>.pt`` per rank. ``checkpoints/last`` names the
+newest complete one. A checkpoint is written under a temporary name and renamed only once
+every rank has finished; the pointer is replaced after that, so a crash never leaves a half
+checkpoint.
+
+Nothing here unpickles arbitrary objects (docs/security.md): the metadata is JSON, and the RNG
+files hold only tensors, numbers and strings, read with ``torch.load(weights_only=True)``. Older
+versions wrote ``meta.pt`` as a pickle; it is refused with a message, never loaded. DCP's own
+``.metadata`` index is a pickle that ``dcp.load`` reads, so a checkpoint directory stays
+trusted input: share a safetensors export or teacher bundle instead.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -30,7 +38,10 @@ from ..io.files import atomic_write_text
 
 logger = logging.getLogger("dinov2_repro")
 POINTER = "last"
-META_FILE = "meta.pt"
+META_FILE = "meta.json"
+LEGACY_META_FILE = "meta.pt"  # pickled by versions before issue 19; refused, never unpickled
+_RNG_KEYS = ("torch", "numpy_keys", "numpy_pos", "numpy_has_gauss", "numpy_cached_gaussian", "python_version",
+             "python_state", "python_gauss_next")
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
@@ -38,18 +49,47 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's torch, numpy, Python (and CUDA) generator states as tensors, numbers and
+    strings only, so that ``torch.load(weights_only=True)`` reads them back with no allow-list."""
+    _, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+        "numpy_pos": int(np_pos), "numpy_has_gauss": int(np_has_gauss), "numpy_cached_gaussian": float(np_cached),
+        "python_version": int(py_version), "python_state": torch.tensor(py_state, dtype=torch.int64),
+        "python_gauss_next": py_gauss,
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(state["numpy_pos"]), int(state["numpy_has_gauss"]),
+                         float(state["numpy_cached_gaussian"])))
+    random.setstate((int(state["python_version"]), tuple(int(v) for v in state["python_state"].tolist()),
+                     state["python_gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_rng_state(file: str | os.PathLike) -> dict[str, Any]:
+    """An RNG file written by :func:`save_checkpoint`, read with ``weights_only=True``: a file that
+    needs anything but tensors and plain values is refused, not unpickled."""
+    file = Path(file)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{file}: not an RNG state file of this version, refused without running it "
+                         f"({' '.join(str(err).split())[:200]})") from None
+    missing = [key for key in _RNG_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"{file}: RNG state file lacks {missing}")
+    return state
 
 
 def _distributed() -> bool:
@@ -81,7 +121,7 @@ def save_checkpoint(run_dir: str | os.PathLike, iteration: int, *, model: nn.Mod
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
-        torch.save({**meta, "iteration": iteration}, tmp / META_FILE)
+        atomic_write_text(tmp / META_FILE, json.dumps({**meta, "iteration": iteration}, indent=1, allow_nan=True) + "\n")
     barrier()
     if rank == 0:
         if final.exists():
@@ -106,8 +146,18 @@ def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
         return None
     target = root / pointer.read_text().strip()
     if not (target / META_FILE).is_file():
+        _refuse_legacy(target)
         raise FileNotFoundError(f"checkpoint pointer {pointer} names {target}, which holds no {META_FILE}")
     return target
+
+
+def _refuse_legacy(checkpoint: Path) -> None:
+    """One clear line for a checkpoint of the old layout: its pickled ``meta.pt`` is not loaded."""
+    legacy = checkpoint / LEGACY_META_FILE
+    if legacy.is_file() and not (checkpoint / META_FILE).is_file():
+        raise ValueError(f"{legacy}: checkpoint metadata in the pickle format of older dinov2_repro versions is not "
+                         f"read (unpickling a file can run any code); this version reads {META_FILE} "
+                         "(see docs/security.md)")
 
 
 def resolve_checkpoint(path: str | os.PathLike, *, what: str = "checkpoint") -> Path:
@@ -120,16 +170,23 @@ def resolve_checkpoint(path: str | os.PathLike, *, what: str = "checkpoint") -> 
             raise FileNotFoundError(f"{what}={path}: the run directory has no finished checkpoint")
         return found
     if not (path / META_FILE).is_file():
+        _refuse_legacy(path)
         raise FileNotFoundError(f"{what}={path} is neither a run directory nor a checkpoint directory")
     return path
 
 
 def read_meta(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    file = Path(checkpoint) / META_FILE
+    """The checkpoint's ``meta.json`` (iteration, world_size, config, scaler)."""
+    checkpoint = Path(checkpoint)
+    _refuse_legacy(checkpoint)
+    file = checkpoint / META_FILE
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise RuntimeError(f"cannot read checkpoint metadata {file}: {err}") from err
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file}: cannot read checkpoint metadata: {' '.join(str(err).split())}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file}: checkpoint metadata is not a JSON object")
+    return meta
 
 
 def load_checkpoint(checkpoint: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -154,7 +211,7 @@ def load_checkpoint(checkpoint: str | os.PathLike, *, model: nn.Module, optimize
         set_model_state_dict(model, state["model"])
     rng_file = checkpoint / f"rng_rank{rank}.pt"
     same_world = meta.get("world_size") == (dist.get_world_size() if _distributed() else 1)
-    rng = torch.load(rng_file, weights_only=False) if same_world and rng_file.is_file() else None
+    rng = read_rng_state(rng_file) if same_world and rng_file.is_file() else None
     if rng is None:
         logger.warning("checkpoint %s was written at world size %s: RNG streams are reseeded, not restored",
                        checkpoint, meta.get("world_size"))

@@ -84,6 +84,9 @@ class ModelSpec:
     kind: str
     backbone: str | None = None
     decoder: str = "unet"
+    # An RGB backbone on more bands: 'mean' or 'R,G,B' (1-based, among the bands read); see
+    # dinov2_repro/band_expansion.py. None: the backbone must take the data's band count.
+    expand_bands: str | None = None
 
 
 def build_model(spec: ModelSpec, *, data_channels: int, num_classes: int, seed: int = 0) -> tuple[nn.Module, nn.Module, dict]:
@@ -94,17 +97,42 @@ def build_model(spec: ModelSpec, *, data_channels: int, num_classes: int, seed: 
         from ...backbone_file import load_backbone, model_kwargs_from_metadata
         from ...models import DinoVisionTransformer
 
-        backbone, meta = load_backbone(spec.backbone)
+        if spec.expand_bands:
+            backbone, meta = load_backbone(spec.backbone, in_chans=data_channels,
+                                           rgb_bands=expansion_rgb_bands(spec.expand_bands, data_channels))
+        else:
+            backbone, meta = load_backbone(spec.backbone)
         if spec.kind == "random_init":
             backbone = DinoVisionTransformer(**model_kwargs_from_metadata(meta)).eval()
         if int(meta["in_chans"]) != data_channels:
             raise ConfigError(f"backbone {spec.backbone} takes in_chans={meta['in_chans']} bands but the data has "
-                              f"{data_channels}; choose bands with --bands (e.g. --bands 3,2,1 for Landsat true colour)")
+                              f"{data_channels}; choose bands with --bands (e.g. --bands 3,2,1 for Landsat true colour) "
+                              "or expand an RGB backbone with --expand-bands mean|R,G,B")
         features, head = build_segmenter(kind="vit", num_classes=num_classes, in_channels=data_channels,
                                          decoder=spec.decoder, backbone=backbone)
         return features, head, meta
     features, head = build_segmenter(kind=spec.kind, num_classes=num_classes, in_channels=data_channels)
     return features, head, {}
+
+
+def expansion_rgb_bands(text: str, data_channels: int) -> tuple[int, int, int] | None:
+    """0-based R, G, B channels of an ``--expand-bands`` value (None for 'mean'), checked against
+    the number of bands read; errors name the option and 1-based band numbers."""
+    from ...band_expansion import parse_band_expansion
+
+    try:
+        parsed = parse_band_expansion(text)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if parsed in (None, "mean"):
+        return None
+    outside = [b + 1 for b in parsed if b >= data_channels]
+    if outside:
+        raise ConfigError(f"--expand-bands {text}: band {outside[0]} is not one of the {data_channels} bands read "
+                          f"(1..{data_channels}, counted after --bands)")
+    if len(set(parsed)) != 3:
+        raise ConfigError(f"--expand-bands {text}: red, green and blue must be three different bands")
+    return parsed
 
 
 def check_tile(features: nn.Module, data: SegData, spec: ModelSpec) -> None:
@@ -237,7 +265,8 @@ def load_run(run_dir: Path) -> tuple[nn.Module, nn.Module, dict]:
         raise ConfigError(f"--checkpoint {run_dir}: no {RUN_FILE} (is it an `eval seg --out-dir` run?)")
     record = json.loads(record_path.read_text())
     model = record["model"]
-    spec = ModelSpec(name=model["name"], kind=model["kind"], backbone=model["backbone"], decoder=model["decoder"])
+    spec = ModelSpec(name=model["name"], kind=model["kind"], backbone=model["backbone"], decoder=model["decoder"],
+                     expand_bands=model.get("expand_bands"))
     features, head, _ = build_model(spec, data_channels=int(record["in_channels"]), num_classes=len(record["class_values"]),
                                    seed=int(record.get("seed", 0)))
     head.load_state_dict(load_file(str(Path(run_dir) / HEAD_FILE)))
