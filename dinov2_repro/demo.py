@@ -133,8 +133,7 @@ def _evaluate(out: Path, teacher: Path, students: dict[str, Path]) -> dict[str, 
     from .eval.linear import linear_probe
     from .eval.segmentation.label_efficiency import run_label_efficiency
     from .eval.segmentation.train import ModelSpec, prepare_data, run_segmentation
-    from .backbone_file import load_backbone, model_kwargs_from_metadata
-    from .models import DinoVisionTransformer
+    from .backbone_file import build_model_from_metadata, load_backbone
 
     backbones = {"teacher": teacher, **{f"student {name}": path for name, path in students.items()}}
     results: dict[str, Any] = {"knn": {}, "linear": {}}
@@ -145,7 +144,7 @@ def _evaluate(out: Path, teacher: Path, students: dict[str, Path]) -> dict[str, 
         results["knn"][name] = landcover_knn_report(path, size=SEG_TILE)
         model, meta = load_backbone(path)
         torch.manual_seed(0)
-        candidates = {name: model, f"{name} random init": DinoVisionTransformer(**model_kwargs_from_metadata(meta)).eval()}
+        candidates = {name: model, f"{name} random init": build_model_from_metadata(meta).eval()}
         for label, candidate in candidates.items():
             to_tensor = lambda x: images_to_tensor(x, mean=meta["mean"], std=meta["std"], size=SEG_TILE)  # noqa: E731
             results["linear"][label] = linear_probe(candidate, to_tensor(train_x), train_l, to_tensor(test_x), test_l,

@@ -8,8 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from ..data.sample_data import landcover_tiles
-from ..backbone_file import load_backbone, model_kwargs_from_metadata
-from ..models import DinoVisionTransformer
+from ..backbone_file import build_model_from_metadata, load_backbone
 from .knn_classifier import images_to_tensor, knn_accuracy
 
 
@@ -24,7 +23,7 @@ def landcover_knn_report(export_path: str | Path, *, size: int | None = None, k:
     trained, meta = load_backbone(export_path)
     size = int(size or meta["img_size"])
     torch.manual_seed(seed)
-    random_init = DinoVisionTransformer(**model_kwargs_from_metadata(meta))
+    random_init = build_model_from_metadata(meta)
     per_split = [_one_split(trained, random_init, meta, size=size, k=k, split_seed=s)
                  for s in (split_seeds if split_seeds is not None else [seed])]
     mean = lambda key: sum(r[key] for r in per_split) / len(per_split)  # noqa: E731

@@ -8,6 +8,7 @@ nothing. ``DropPath`` (compute everything, zero the dropped samples) is kept for
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -108,9 +109,9 @@ class Block(nn.Module):
         return self._residual_branches(x, groups, rope)
 
     def _residual_branches(self, x: Tensor, groups: Groups, rope: Sequence | None = None) -> Tensor:
-        def attention(tokens: Tensor, runs: Groups) -> Tensor:
-            return self.attention_branch(tokens, runs, rope)
-
+        # RoPE tables are bound here so that every branch keeps the (tokens, runs) signature
+        # add_residual_subset calls it with.
+        attention = self.attention_branch if rope is None else functools.partial(self.attention_branch, rope=rope)
         for branch in (attention, self.ffn_branch):
             if not self.training or self.drop_path == 0.0:
                 x = x + branch(x, groups)
