@@ -154,6 +154,7 @@ def _tiny_v3_release(path: Path) -> Path:
     return path
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_bad_files_give_one_line_naming_them(tmp_path, capsys):
     good = _tiny_v3_release(tmp_path / "dinov3_vitt16_pretrain_lvd1689m-00000000.pth")
     load_backbone(good, num_heads=3)  # the tiny shape is not a released one: heads given
@@ -227,3 +228,25 @@ def test_import_weights_cli_subprocess_one_line(tmp_path):
                              str(tmp_path / "o.safetensors")], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and bad.name in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# ---- into a configured backbone (MODEL.WEIGHTS / teacher) ------------------------------------
+def test_backbone_state_for_a_configured_model(tmp_path):
+    from dinov2_repro.weights.into_model import backbone_state_for, is_backbone_file
+
+    name, filename = DINOV2_CASES["vits14_reg4"]
+    torch.save(dinov2_official_from_timm(random_timm(name, depth=2).state_dict()), tmp_path / filename)
+    assert is_backbone_file(tmp_path / filename) and not is_backbone_file(tmp_path)
+    target = build_vit("vit_small", depth=2, img_size=224, num_register_tokens=4, interpolate_antialias=True)
+    state, meta = backbone_state_for(target, tmp_path / filename)
+    target.load_state_dict(state, strict=True)  # 518 px pos-embed resampled to 16 x 16
+    assert target.pos_embed.shape == (1, 257, 384) and meta["dataset"] == "lvd142m"
+    with pytest.raises(ValueError, match=rf"{filename}.*embed_dim=384 \(configured 768\)"):
+        backbone_state_for(build_vit("vit_base", depth=2, num_register_tokens=4), tmp_path / filename)
+    v3 = _tiny_v3_release(tmp_path / "dinov3_vitt16_pretrain_sat493m-00000000.pth")
+    student = build_vit("vitt16", depth=2, local_cls_norm=True)
+    state, meta = backbone_state_for(student, v3, num_heads=3)
+    student.load_state_dict(state, strict=True)
+    assert meta["mean"] == SAT_MEAN
+    with pytest.raises(ValueError, match="family=dinov3"):
+        backbone_state_for(build_vit("vit_micro", depth=2), v3, num_heads=3)
