@@ -41,12 +41,12 @@ def test_packed_crops_equal_separate_forwards_and_rope_matters(one_torch_thread)
         for p, s in zip(packed, alone):
             for key in ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens"):
                 torch.testing.assert_close(p[key], s[key], atol=1e-5, rtol=0)
-        assert packed[1]["x_norm_regtokens"].shape == (3, 4, 96)
+        assert packed[1]["x_norm_regtokens"].shape == (3, 4, 128)
         # Positions matter: a transposed grid gives other patch features than the transposed output.
         flipped = model.forward_features(a.transpose(-1, -2))["x_norm_patchtokens"]
         assert (flipped - alone[0]["x_norm_patchtokens"].reshape(2, 2, 3, -1).transpose(1, 2).reshape(2, 6, -1)).abs().max() > 1e-3
         layers = model.get_intermediate_layers(a, n=2, reshape=True, return_class_token=True)
-        assert layers[-1][0].shape == (2, 96, 2, 3) and layers[-1][1].shape == (2, 96)
+        assert layers[-1][0].shape == (2, 128, 2, 3) and layers[-1][1].shape == (2, 128)
 
 
 def test_rope_augmentations_in_training_only(one_torch_thread):
@@ -119,3 +119,34 @@ def test_meta_arch_trains_and_exports_a_dinov3_student(tmp_path):
     assert any(m.get("ibot_loss", 0) > 0 for m in metrics)  # masked patches reached the iBOT loss
     model, meta = load_backbone(tmp_path / "run" / "export" / "teacher_backbone.safetensors")
     assert isinstance(model, DinoV3VisionTransformer) and meta["arch"] == "vitt16" and meta["arch_family"] == "dinov3"
+
+
+def test_model_weights_takes_a_released_file(tmp_path):
+    """MODEL.WEIGHTS=<released file>: both backbones take its weights, heads stay fresh; a file
+    of another architecture stops with one line naming it."""
+    from dinov2_repro.config import CONFIG_DIR, load_config
+    from dinov2_repro.train.initialize import init_from_pretrained
+    from dinov2_repro.train.meta_arch import SSLMetaArch
+
+    def release(model, name):
+        path = tmp_path / name
+        torch.save({k.replace("register_tokens", "storage_tokens"): v for k, v in model.state_dict().items()}, path)
+        return path
+
+    torch.manual_seed(0)
+    released = build_vit("vitt16")
+    good = release(released, "dinov3_vitt16_pretrain_sat493m-00000000.pth")
+    shallow = release(build_vit("vitt16", depth=2), "dinov3_vitt16_pretrain_lvd1689m-11111111.pth")
+    cfg = load_config(CONFIG_DIR / "train" / "vit_tiny_cpu.yaml", [
+        "student.arch=vitt16", "student.patch_size=16", "student.num_register_tokens=4", "crops.global_crops_size=32",
+        "crops.local_crops_size=16", *[f"{k}.head_n_prototypes=16" for k in ("dino", "ibot")],
+        *[f"{k}.head_hidden_dim=16" for k in ("dino", "ibot")], *[f"{k}.head_bottleneck_dim=8" for k in ("dino", "ibot")]])
+    model = SSLMetaArch(cfg)
+    with pytest.raises(ValueError, match=rf"MODEL.WEIGHTS=.*{shallow.name}.*depth=2 \(configured 4\)"):
+        init_from_pretrained(model, shallow)
+    heads_before = {k: v.clone() for k, v in model.student.dino_head.state_dict().items()}
+    init_from_pretrained(model, good)
+    for part in (model.student, model.teacher):
+        for key, value in released.state_dict().items():
+            torch.testing.assert_close(part.backbone.state_dict()[key], value)
+    assert all(torch.equal(v, model.student.dino_head.state_dict()[k]) for k, v in heads_before.items())

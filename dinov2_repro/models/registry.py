@@ -22,7 +22,7 @@ _ARCHS: dict[str, dict] = {
 # qkv bias except ViT-7B; S+/H+/7B use SwiGLU (hidden = 2/3 of dim * ratio, multiple of 8).
 _V3 = dict(patch_size=16, num_register_tokens=4)
 _V3_ARCHS: dict[str, dict] = {
-    "vitt16": dict(embed_dim=96, depth=4, num_heads=3, **_V3),  # CPU tests (head dim 32)
+    "vitt16": dict(embed_dim=128, depth=4, num_heads=2, **_V3),  # CPU tests (head dim 64, as released)
     "vits16": dict(embed_dim=384, depth=12, num_heads=6, **_V3),
     "vits16plus": dict(embed_dim=384, depth=12, num_heads=6, ffn_layer="swiglu", mlp_ratio=6.0, **_V3),
     "vitb16": dict(embed_dim=768, depth=12, num_heads=12, **_V3),
