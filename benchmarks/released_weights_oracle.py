@@ -1,6 +1,6 @@
 """Oracle of the released-weights readers against timm, at every released size, full depth.
 
-    python benchmarks/released_weights_oracle.py [--cases vits14,vitl16,...] [--output-dir DIR]
+    python benchmarks/released_weights_oracle.py [--cases vits14,vitl16,vith16plus@8,...] [--output-dir DIR]
 
 For each case a random timm model (vit_*_patch14_dinov2[.reg4], vit_*_patch16_dinov3[_qkvb]) is
 written in the official layout (tests/released_weights_helpers.py inverts timm's filters) and
@@ -53,17 +53,21 @@ def main() -> int:
                            "compared": "CLS, patch tokens, normed intermediate layers (first, middle, last block)",
                            "routes": "pth: official layout via load_backbone; timm: timm safetensors via load_backbone"},
               "cases": {}}
-    for case in args.cases.split(","):
+    for entry in args.cases.split(","):
+        # "case@N": the released width and block kind at N blocks (for sizes whose full depth
+        # does not fit the machine's memory three times over).
+        case, _, depth = entry.partition("@")
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             run = dinov2_oracle if case in DINOV2_CASES else dinov3_oracle
-            diffs = run(case, Path(folder))
+            diffs = run(case, Path(folder), depth=int(depth) if depth else None)
         name = (DINOV2_CASES.get(case) or DINOV3_CASES[case])[0]
-        result["cases"][case] = {"timm_model": name, "max_abs_diff_pth": diffs["pth"], "max_abs_diff_timm": diffs["timm"],
+        result["cases"][entry] = {"timm_model": name, "depth": int(depth) if depth else "full",
+                                 "max_abs_diff_pth": diffs["pth"], "max_abs_diff_timm": diffs["timm"],
                                  "cls": diffs["pth_cls"], "patch": diffs["pth_patch"],
                                  "intermediate": diffs["pth_intermediate"], "pass": max(diffs["pth"], diffs["timm"]) <= 1e-5,
                                  "seconds": round(time.perf_counter() - start, 1)}
-        print(case, result["cases"][case], flush=True)
+        print(entry, result["cases"][entry], flush=True)
     for family, cases in (("dinov2", ["vitg14", "vitg14_reg4"]), ("dinov3", ["vit7b16", "vit7b16_sat"])):
         test_giant_and_7b_keys_and_shapes_on_meta(family, cases)  # raises on a mismatch
         for case in cases:
