@@ -250,3 +250,18 @@ def test_backbone_state_for_a_configured_model(tmp_path):
     assert meta["mean"] == SAT_MEAN
     with pytest.raises(ValueError, match="family=dinov3"):
         backbone_state_for(build_vit("vit_micro", depth=2), v3)
+
+
+def test_dinov3_file_periods_and_dataset(tmp_path, caplog):
+    """The file's RoPE periods (bf16-rounded by the publisher) are the model's, as in the
+    reference; the training set comes from the name, else from the option, else ImageNet + a warning."""
+    model = build_vit("vitt16", depth=1)
+    state = {k.replace("register_tokens", "storage_tokens"): v for k, v in model.state_dict().items()}
+    state["rope_embed.periods"] = state["rope_embed.periods"].bfloat16()
+    nameless = tmp_path / "backbone.pth"
+    torch.save(state, nameless)
+    loaded, meta = load_backbone(nameless)
+    assert torch.equal(loaded.rope_embed.periods, state["rope_embed.periods"].float())
+    assert not torch.equal(loaded.rope_embed.periods, model.rope_embed.periods)  # rounding is visible
+    assert meta["dataset"] == "unknown" and meta["mean"] == IMAGENET_MEAN and "names no training set" in caplog.text
+    assert load_backbone(nameless, dataset="sat493m")[1]["std"] == SAT_STD

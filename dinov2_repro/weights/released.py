@@ -64,7 +64,9 @@ def _load_strict(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> N
         raise WeightsFileError(f"{path}: tensors do not fit the detected architecture: unexpected {unexpected[:5]}, "
                                f"missing {missing[:5]}")
     try:
-        model.load_state_dict(state, strict=True)
+        # assign: the model (built on the meta device) takes the converted tensors as they are,
+        # so a 7B file needs its own size in memory once, not twice.
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
         lines = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
         raise WeightsFileError(f"{path}: tensor shapes do not fit: {(lines or [str(error)])[0]}") from None
@@ -100,7 +102,6 @@ def read_released(
     kwargs, ours = convert_released(state, path, family=family, layout=layout, num_heads=num_heads)
     with torch.device("meta"):
         model = (DinoV3VisionTransformer if family == "dinov3" else DinoVisionTransformer)(**kwargs)
-    model = model.to_empty(device="cpu")
     _load_strict(model, ours, path)
     model = model.to(device).eval()
     meta = _header(model, family=family, dataset=dataset, mean=mean, std=std)
