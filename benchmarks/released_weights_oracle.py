@@ -13,6 +13,7 @@ Writes ``<output-dir>/released_weights_oracle.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -46,13 +47,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CPU_CASES))
     parser.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--fresh", action="store_true", help="drop the cases of an existing result file "
+                        "(by default they are kept and the ones run now replace theirs)")
     args = parser.parse_args()
+    out = Path(args.output_dir) / "released_weights_oracle.json"
     result = {"benchmark": "released_weights_oracle", "machine": machine(), "tolerance": 1e-5,
               "settings": {"precision": "fp32", "depth": "full (released)", "weights": "random (randomize_)",
                            "input": "1 image, 2x3 patches (28x42 px DINOv2, 32x48 px DINOv3)",
                            "compared": "CLS, patch tokens, normed intermediate layers (first, middle, last block)",
                            "routes": "pth: official layout via load_backbone; timm: timm safetensors via load_backbone"},
               "cases": {}}
+    if out.is_file() and not args.fresh:
+        result["cases"] = json.loads(out.read_text())["cases"]
     for entry in args.cases.split(","):
         # "case@N": the released width and block kind at N blocks (for sizes whose full depth
         # does not fit the machine's memory three times over).
@@ -66,7 +72,8 @@ def main() -> int:
                                  "max_abs_diff_pth": diffs["pth"], "max_abs_diff_timm": diffs["timm"],
                                  "cls": diffs["pth_cls"], "patch": diffs["pth_patch"],
                                  "intermediate": diffs["pth_intermediate"], "pass": max(diffs["pth"], diffs["timm"]) <= 1e-5,
-                                 "seconds": round(time.perf_counter() - start, 1)}
+                                 "seconds": round(time.perf_counter() - start, 1),
+                                 "load_average_1min": round(os.getloadavg()[0], 1)}
         print(entry, result["cases"][entry], flush=True)
     for family, cases in (("dinov2", ["vitg14", "vitg14_reg4"]), ("dinov3", ["vit7b16", "vit7b16_sat"])):
         test_giant_and_7b_keys_and_shapes_on_meta(family, cases)  # raises on a mismatch
@@ -74,7 +81,6 @@ def main() -> int:
             result["cases"][case] = {"timm_model": (DINOV2_CASES.get(case) or DINOV3_CASES[case])[0],
                                      "check": "key sets and shapes on the meta device", "pass": True}
     result["machine"]["load_average_at_end"] = list(os.getloadavg())
-    out = Path(args.output_dir) / "released_weights_oracle.json"
     atomic_write_json(out, result)
     print(f"wrote {out}")
     return 0 if all(c["pass"] for c in result["cases"].values()) else 1
