@@ -13,8 +13,6 @@ the meta device.
 from __future__ import annotations
 
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -78,13 +76,12 @@ def dinov3_oracle(case: str, folder: Path, *, depth: int | None = None) -> dict[
     return {"pth": diffs["pth"]["max"], "timm": diffs["timm"]["max"], **{f"pth_{k}": v for k, v in diffs["pth"].items()}}
 
 
-# Fast: released widths and block kinds at 1-3 blocks (depth only repeats blocks); slow: more of
-# them, and full depth; every size at full depth: benchmarks/released_weights_oracle.py.
+# Released widths and block kinds at 1-3 blocks (depth only repeats blocks); every size at full
+# depth (H+ at 8 blocks) is in benchmarks/released_weights_oracle.py, too slow for the suite.
 _SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("case, depth", [("vits14", 3), ("vits14_reg4", 3), pytest.param("vitb14_reg4", 3, marks=_SLOW),
-                                         pytest.param("vits14_reg4", None, marks=_SLOW)])
+@pytest.mark.parametrize("case, depth", [("vits14", 3), ("vits14_reg4", 3), pytest.param("vitb14_reg4", 3, marks=_SLOW)])
 def test_dinov2_release_matches_timm(case, depth, tmp_path):
     diffs = dinov2_oracle(case, tmp_path, depth=depth)
     print(f"oracle {case}: {diffs}")
@@ -92,8 +89,7 @@ def test_dinov2_release_matches_timm(case, depth, tmp_path):
 
 
 @pytest.mark.parametrize("case, depth", [("vits16", 3), ("vits16plus_qkvb", 3), ("vitb16_qkvb", 3),
-                                         ("vitl16_sat", 1), pytest.param("vith16plus", 1, marks=_SLOW),
-                                         pytest.param("vits16plus", None, marks=_SLOW)])
+                                         ("vitl16_sat", 1), pytest.param("vith16plus", 1, marks=_SLOW)])
 def test_dinov3_release_matches_timm(case, depth, tmp_path):
     diffs = dinov3_oracle(case, tmp_path, depth=depth)
     print(f"oracle {case}: {diffs}")
@@ -216,17 +212,6 @@ def test_import_weights_round_trip(case, depth, tmp_path, capsys):
     if v3:
         with torch.no_grad():
             assert (fresh.forward_features(image) - theirs.forward_features(image)).abs().max() <= TOLERANCE
-
-
-@pytest.mark.slow
-def test_import_weights_cli_subprocess_one_line(tmp_path):
-    """The installed-style entry point: non-zero exit, one stderr line naming the file."""
-    bad = tmp_path / "dinov2_vits14_pretrain.pth"
-    bad.write_bytes(b"PK\x03\x04 truncated zip")
-    result = subprocess.run([sys.executable, "-m", "dinov2_repro.cli", "import-weights", str(bad), "--out",
-                             str(tmp_path / "o.safetensors")], capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and bad.name in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 # ---- into a configured backbone (MODEL.WEIGHTS / teacher) ------------------------------------
