@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .io.files import atomic_output
-from .models import DinoVisionTransformer
+from .models import DinoV3VisionTransformer, DinoVisionTransformer
 from .models.layers.ffn import swiglu_hidden_dim
 from .models.registry import _ARCHS, build_vit
 
@@ -223,8 +223,18 @@ def layerscale_init_of(meta: Mapping[str, Any]) -> float | None:
     return LEGACY_LAYERSCALE_INIT if value is None else float(value)
 
 
+def build_model_from_metadata(meta: Mapping[str, Any]) -> DinoVisionTransformer:
+    """A randomly initialised backbone of the header's architecture, either family (the
+    random-init baselines of the evaluations)."""
+    if meta.get("arch_family") == "dinov3":
+        from .weights.dinov3_export import build_from_metadata
+
+        return build_from_metadata(meta)
+    return DinoVisionTransformer(**model_kwargs_from_metadata(meta))
+
+
 def model_kwargs_from_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """DinoVisionTransformer keyword arguments from an export header."""
+    """DinoVisionTransformer keyword arguments from a DINOv2 export header."""
     return dict(
         img_size=int(meta["img_size"]),
         patch_size=int(meta["patch_size"]),
@@ -258,13 +268,23 @@ def save_backbone(
     from safetensors.torch import save_file
 
     path = Path(path)
-    meta = backbone_metadata(model, arch=arch, mean=mean, std=std)
+    if isinstance(model, DinoV3VisionTransformer):
+        # DINOv3: timm eva keys and the extended header (weights/dinov3_export.py).
+        from .weights.dinov3_export import dinov3_metadata, export_tensors
+
+        meta = dinov3_metadata(model, arch=arch, mean=mean, std=std,
+                               dataset=(extra_metadata or {}).get("dataset"))
+        extra_metadata = {k: v for k, v in (extra_metadata or {}).items() if k != "dataset"}
+        state = export_tensors(model)
+    else:
+        meta = backbone_metadata(model, arch=arch, mean=mean, std=std)
+        state = to_timm_state_dict(model)
     clash = set(extra_metadata or {}) & set(meta)
     if clash:
         raise ValueError(f"extra_metadata may not override header keys {sorted(clash)}")
     meta.update(extra_metadata or {})
     # safetensors refuses shared or strided storage: give it contiguous CPU copies.
-    tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in to_timm_state_dict(model).items()}
+    tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in state.items()}
     with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata=_encode_metadata(meta))
     return path
@@ -286,18 +306,49 @@ def read_backbone_file(path: str | os.PathLike, *, device: str | torch.device = 
     return tensors, _decode_metadata(raw_meta, path)
 
 
+def is_project_header(raw: Mapping[str, str] | None) -> bool:
+    """A safetensors header written by save_backbone (or a damaged one: it has some of its keys)."""
+    return bool(raw) and (raw.get("format") == json.dumps(FORMAT_NAME) or any(k in raw for k in REQUIRED_METADATA))
+
+
 def load_backbone(path: str | os.PathLike, *, device: str | torch.device = "cpu", in_chans: int | None = None,
-                  rgb_bands: Sequence[int] | None = None) -> tuple[DinoVisionTransformer, dict[str, Any]]:
-    """Rebuild our backbone from an export's header alone and load its weights strictly.
+                  rgb_bands: Sequence[int] | None = None,
+                  **released_options: Any) -> tuple[DinoVisionTransformer, dict[str, Any]]:
+    """Our backbone and its header from any backbone file: the project's export (DINOv2 or
+    DINOv3, rebuilt from the header alone, weights loaded strictly), or a released file (the
+    reference DINOv2/DINOv3 ``.pth`` or a timm ``.safetensors``, read without running code;
+    ``released_options`` go to weights.read_released: dataset, num_heads, mean, std).
 
     ``in_chans`` other than the file's expands an RGB patch embedding to that many bands;
     ``rgb_bands`` (0-based) names the input bands that are red, green and blue (rules in
-    :mod:`dinov2_repro.band_expansion`). The returned header then describes the expanded model."""
-    tensors, meta = read_backbone_file(path, device=device)
-    if in_chans is not None or rgb_bands is not None:
+    :mod:`dinov2_repro.band_expansion`). The returned header then describes the expanded model.
+    Band expansion works on the project's export: a released file is imported first
+    (``dinov2-repro import-weights``)."""
+    from .weights import read_released, read_tensor_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone file {path} does not exist")
+    expand = in_chans is not None or rgb_bands is not None
+    if path.suffix.lower() != ".safetensors":
+        if expand:
+            raise ValueError(f"{path}: band expansion needs a backbone export; run `dinov2-repro import-weights {path} --out X.safetensors` first")
+        return read_released(path, device=device, **released_options)
+    tensors, raw_meta = read_tensor_file(path)
+    if not is_project_header(raw_meta):
+        if expand:
+            raise ValueError(f"{path}: band expansion needs a backbone export; run `dinov2-repro import-weights {path} --out X.safetensors` first")
+        return read_released(path, device=device, tensors=tensors, **released_options)
+    meta = _decode_metadata(raw_meta, path)
+    tensors = {k: v.to(device) for k, v in tensors.items()}
+    if expand:
         from .band_expansion import expand_backbone_bands
 
         tensors, meta = expand_backbone_bands(tensors, meta, in_chans=in_chans, rgb_bands=rgb_bands, source=str(path))
+    if meta.get("arch_family") == "dinov3":
+        from .weights.dinov3_export import load_export
+
+        return load_export(tensors, meta, path, device=device), meta
     kwargs = model_kwargs_from_metadata(meta)
     arch = meta["arch"]
     model = build_vit(arch, **kwargs) if arch in _ARCHS else DinoVisionTransformer(**kwargs)

@@ -22,6 +22,7 @@ from .export_checkpoint import register as register_export
 from .misc_cli import register_demo, register_info
 from .plan.cli import register as register_plan
 from .train.cli import register as register_train
+from .weights.cli import register as register_import_weights
 
 # Exceptions that mean "the command line or the files it names are wrong": one line, no traceback.
 USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_distill(sub)
     register_plan(sub)
     register_export(sub)
+    register_import_weights(sub)
     register_eval(sub)
     register_predict(sub)
     register_demo(sub)

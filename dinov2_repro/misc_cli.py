@@ -40,6 +40,6 @@ def _run_info(args: argparse.Namespace) -> int:
                       "attention_backend": resolve_backend("auto", device)}))
     for arch in available_archs():
         with torch.device("meta"):
-            model = build_vit(arch, ffn_layer="swiglu" if arch == "vit_giant2" else "mlp")
+            model = build_vit(arch, **({"ffn_layer": "swiglu"} if arch == "vit_giant2" else {}))
         print(f"{arch:12s} {sum(p.numel() for p in model.parameters()) / 1e6:8.1f}M parameters")
     return 0

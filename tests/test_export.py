@@ -193,9 +193,14 @@ def test_corrupt_and_foreign_files_give_clear_errors(tmp_path):
         load_backbone(tmp_path / "missing.safetensors")
 
     bare = tmp_path / "bare.safetensors"
-    save_file(load_file(str(good)), str(bare))  # same tensors, no header
-    with pytest.raises(ValueError, match="no metadata"):
-        load_backbone(bare)
+    save_file(load_file(str(good)), str(bare))  # same tensors, no header: read as a timm DINOv2 file
+    loaded, bare_meta = load_backbone(bare)
+    assert bare_meta["source_layout"] == "timm" and bare_meta["embed_dim"] == 192
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"encoder.weight": torch.zeros(2, 2)}, str(foreign))
+    with pytest.raises(ValueError, match="foreign.safetensors"):
+        load_backbone(foreign)
 
     partial = tmp_path / "partial.safetensors"
     save_file(load_file(str(good)), str(partial), metadata={"arch": json.dumps("vit_tiny")})

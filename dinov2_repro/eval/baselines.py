@@ -118,11 +118,10 @@ class RandomConvFeatures(_Standardised):
 def random_init_backbone(meta: Mapping[str, Any], *, seed: int = 0) -> nn.Module:
     """The export's architecture at a seeded random init, with the header's init values (LayerScale
     of the training config; see backbone_file.model_kwargs_from_metadata)."""
-    from ..backbone_file import model_kwargs_from_metadata
-    from ..models import DinoVisionTransformer
+    from ..backbone_file import build_model_from_metadata
 
     torch.manual_seed(seed)
-    return DinoVisionTransformer(**model_kwargs_from_metadata(meta)).eval()
+    return build_model_from_metadata(meta).eval()
 
 
 def build_feature_baseline(name: str, *, meta: Mapping[str, Any], train_images: Tensor, seed: int = 0,

@@ -12,6 +12,9 @@ from ..config import ConfigError
 if TYPE_CHECKING:  # torch is imported when a task runs, not when the CLI is built
     import torch
 
+BACKBONE_HELP = ("a backbone file: a project export (.safetensors), or a released DINOv2/DINOv3 .pth "
+                 "or timm .safetensors (read as is; see docs/released-weights.md)")
+
 
 def _dataset_tensors(spec: str, *, size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of a labelled dataset, resized to ``size`` and normalised."""

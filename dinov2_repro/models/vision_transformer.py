@@ -151,12 +151,18 @@ class DinoVisionTransformer(nn.Module):
             tokens = torch.cat([tokens[:, :1], registers, tokens[:, 1:]], dim=1)
         return tokens
 
-    def _run_blocks(self, crops: Sequence[Tensor], blocks: Sequence[nn.Module] | None = None, collect: Sequence[int] = ()) -> tuple[Tensor, Groups, list[Tensor]]:
+    def position_tables(self, images: Sequence[Tensor]) -> list | None:
+        """Per-crop rotary tables for the blocks; None here (a learned pos-embed is added to the
+        tokens instead). The DINOv3 ViT returns one RoPE table per crop tensor."""
+        return None
+
+    def _run_blocks(self, crops: Sequence[Tensor], blocks: Sequence[nn.Module] | None = None, collect: Sequence[int] = (),
+                    rope: list | None = None) -> tuple[Tensor, Groups, list[Tensor]]:
         groups: Groups = [(t.shape[0], t.shape[1]) for t in crops]
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in crops]) if len(crops) > 1 else crops[0].reshape(-1, crops[0].shape[-1])
         collected = []
         for index, block in enumerate(self.blocks if blocks is None else blocks):
-            x = block(x, groups)
+            x = block(x, groups) if rope is None else block(x, groups, rope)
             if index in collect:
                 collected.append(x)
         return x, groups, collected
@@ -191,7 +197,7 @@ class DinoVisionTransformer(nn.Module):
         if len(masks_list) != len(x):
             raise ValueError(f"got {len(x)} crop tensors but {len(masks_list)} masks")
         crops = [self.prepare_tokens(t, m) for t, m in zip(x, masks_list)]
-        packed, groups, _ = self._run_blocks(crops)
+        packed, groups, _ = self._run_blocks(crops, rope=self.position_tables(x))
         return [self._features(p, m) for p, m in zip(self._unpack(packed, groups), masks_list)]
 
     def forward(self, x: Tensor | Sequence[Tensor], masks=None, is_training: bool = False):
@@ -216,7 +222,8 @@ class DinoVisionTransformer(nn.Module):
         if any(i < 0 or i >= self.depth for i in indices):
             raise ValueError(f"block indices {indices} out of range for depth {self.depth}")
         tokens = self.prepare_tokens(x)
-        _, groups, collected = self._run_blocks([tokens], self.blocks[: max(indices) + 1], collect=indices)
+        _, groups, collected = self._run_blocks([tokens], self.blocks[: max(indices) + 1], collect=indices,
+                                                rope=self.position_tables([x]))
         outputs = [c.reshape(groups[0][0], groups[0][1], -1) for c in collected]
         if norm:
             outputs = [self.norm(o) for o in outputs]

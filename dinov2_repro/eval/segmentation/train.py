@@ -94,8 +94,7 @@ def build_model(spec: ModelSpec, *, data_channels: int, num_classes: int, seed: 
     architecture at a seeded random init (the baseline)."""
     torch.manual_seed(seed)
     if spec.kind in ("vit", "random_init"):
-        from ...backbone_file import load_backbone, model_kwargs_from_metadata
-        from ...models import DinoVisionTransformer
+        from ...backbone_file import build_model_from_metadata, load_backbone
 
         if spec.expand_bands:
             backbone, meta = load_backbone(spec.backbone, in_chans=data_channels,
@@ -103,7 +102,7 @@ def build_model(spec: ModelSpec, *, data_channels: int, num_classes: int, seed: 
         else:
             backbone, meta = load_backbone(spec.backbone)
         if spec.kind == "random_init":
-            backbone = DinoVisionTransformer(**model_kwargs_from_metadata(meta)).eval()
+            backbone = build_model_from_metadata(meta).eval()
         if int(meta["in_chans"]) != data_channels:
             raise ConfigError(f"backbone {spec.backbone} takes in_chans={meta['in_chans']} bands but the data has "
                               f"{data_channels}; choose bands with --bands (e.g. --bands 3,2,1 for Landsat true colour) "

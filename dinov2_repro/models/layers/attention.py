@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .rope import apply_rope_packed
+
 Groups = Sequence[tuple[int, int]]
 BACKENDS = ("auto", "sdpa", "sdpa_mask", "xformers", "flex")
 
@@ -127,17 +129,33 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, groups: Groups, backend: s
 
 
 class Attention(nn.Module):
-    def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True, backend: str = "auto") -> None:
+    """``mask_k_bias`` (DINOv3): the key third of the qkv bias is held at zero. Without RoPE a key
+    bias cancels in the softmax; with RoPE it would become a position-dependent term."""
+
+    def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True, backend: str = "auto",
+                 mask_k_bias: bool = False) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.backend = backend
+        self.mask_k_bias = mask_k_bias and qkv_bias
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: Tensor, groups: Groups) -> Tensor:
+    def _qkv(self, x: Tensor) -> Tensor:
+        if not self.mask_k_bias:
+            return self.qkv(x)
+        bias = self.qkv.bias
+        dim = bias.shape[0] // 3
+        masked = torch.cat([bias[:dim], torch.zeros_like(bias[dim: 2 * dim]), bias[2 * dim:]])
+        return F.linear(x, self.qkv.weight, masked)
+
+    def forward(self, x: Tensor, groups: Groups, rope: Sequence | None = None) -> Tensor:
+        """``rope``: one (sin, cos) table per run of ``groups`` (see layers/rope.py), or None."""
         tokens, dim = x.shape
-        q, k, v = self.qkv(x).reshape(tokens, 3, self.num_heads, dim // self.num_heads).unbind(1)
+        q, k, v = self._qkv(x).reshape(tokens, 3, self.num_heads, dim // self.num_heads).unbind(1)
+        if rope is not None:
+            q, k = apply_rope_packed(q, groups, rope), apply_rope_packed(k, groups, rope)
         out = packed_attention(q, k, v, groups, self.backend)
         return self.proj(out.reshape(tokens, dim))

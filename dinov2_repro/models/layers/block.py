@@ -8,7 +8,8 @@ nothing. ``DropPath`` (compute everything, zero the dropped samples) is kept for
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -70,39 +71,48 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         stochastic_depth: str = "efficient",
         attn_backend: str = "auto",
+        norm_eps: float = 1e-6,
+        mask_k_bias: bool = False,
+        ffn_hidden_dim: int | None = None,
     ) -> None:
         super().__init__()
         if stochastic_depth not in ("efficient", "droppath"):
             raise ValueError(f"stochastic_depth {stochastic_depth!r} unknown; choose 'efficient' or 'droppath'")
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, backend=attn_backend)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, backend=attn_backend,
+                              mask_k_bias=mask_k_bias)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = build_ffn(ffn_layer, dim=dim, mlp_ratio=mlp_ratio, bias=ffn_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = build_ffn(ffn_layer, dim=dim, mlp_ratio=mlp_ratio, bias=ffn_bias, hidden_dim=ffn_hidden_dim)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = drop_path
         self.stochastic_depth = stochastic_depth
         self.checkpoint_activations = False  # set by DinoVisionTransformer.set_activation_checkpointing
 
-    def attention_branch(self, x: Tensor, groups: Groups) -> Tensor:
-        return self.ls1(self.attn(self.norm1(x), groups))
+    def attention_branch(self, x: Tensor, groups: Groups, rope: Sequence | None = None) -> Tensor:
+        return self.ls1(self.attn(self.norm1(x), groups, rope))
 
     def ffn_branch(self, x: Tensor, groups: Groups) -> Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: Tensor, groups: Groups) -> Tensor:
+    def forward(self, x: Tensor, groups: Groups, rope: Sequence | None = None) -> Tensor:
+        """``rope``: per-run RoPE tables (DINOv3) or None; they follow the runs through efficient
+        stochastic depth, whose subsets keep each run's sequence length."""
         if self.checkpoint_activations and self.training and torch.is_grad_enabled():
             # Inside forward, not around __call__: FSDP2's hooks on this block then stay outside
             # the checkpointed region, so recomputation runs on the parameters FSDP unsharded for
             # backward instead of re-entering its forward hooks (which kept every recomputed block
             # alive: no memory saved). preserve_rng_state: efficient stochastic depth draws the
             # same subsets in recomputation.
-            return torch.utils.checkpoint.checkpoint(self._residual_branches, x, groups, use_reentrant=False,
+            return torch.utils.checkpoint.checkpoint(self._residual_branches, x, groups, rope, use_reentrant=False,
                                                      preserve_rng_state=True)
-        return self._residual_branches(x, groups)
+        return self._residual_branches(x, groups, rope)
 
-    def _residual_branches(self, x: Tensor, groups: Groups) -> Tensor:
-        for branch in (self.attention_branch, self.ffn_branch):
+    def _residual_branches(self, x: Tensor, groups: Groups, rope: Sequence | None = None) -> Tensor:
+        # RoPE tables are bound here so that every branch keeps the (tokens, runs) signature
+        # add_residual_subset calls it with.
+        attention = self.attention_branch if rope is None else functools.partial(self.attention_branch, rope=rope)
+        for branch in (attention, self.ffn_branch):
             if not self.training or self.drop_path == 0.0:
                 x = x + branch(x, groups)
             elif self.stochastic_depth == "efficient":

@@ -34,9 +34,10 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(gate) * value)
 
 
-def build_ffn(kind: str, *, dim: int, mlp_ratio: float, bias: bool) -> nn.Module:
+def build_ffn(kind: str, *, dim: int, mlp_ratio: float, bias: bool, hidden_dim: int | None = None) -> nn.Module:
+    """``hidden_dim`` overrides the width derived from ``mlp_ratio`` (imported weights give it exactly)."""
     if kind == "mlp":
-        return Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio), bias=bias)
+        return Mlp(dim=dim, hidden_dim=hidden_dim or int(dim * mlp_ratio), bias=bias)
     if kind in ("swiglu", "swiglufused"):
-        return SwiGLU(dim=dim, hidden_dim=swiglu_hidden_dim(dim, mlp_ratio), bias=bias)
+        return SwiGLU(dim=dim, hidden_dim=hidden_dim or swiglu_hidden_dim(dim, mlp_ratio), bias=bias)
     raise ValueError(f"ffn_layer {kind!r} unknown; choose 'mlp' or 'swiglu'")
