@@ -171,7 +171,8 @@ def _train(
     for iteration in range(start_iteration, total):
         batch = next(data)
         values = schedules.values(iteration)
-        apply_schedule(optimizer, lr=values["lr"], wd=values["wd"], last_layer_lr=values["last_layer_lr"])
+        apply_schedule(optimizer, lr=values["lr"], wd=values["wd"], last_layer_lr=values["last_layer_lr"],
+                       backbone_lr_scale=values["backbone_lr_scale"])
         optimizer.zero_grad(set_to_none=True)
         with autocast():
             loss, terms = model.compute_losses(batch, values)
