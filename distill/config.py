@@ -29,8 +29,7 @@ DISTILL_DEFAULTS_PATH = CONFIG_DIR / "distill" / "distill_defaults.yaml"
 _STUDENT_EXTRA_KEYS = ("name", "base_lr")
 _HEAD_KEYS = ("head_n_prototypes", "head_bottleneck_dim", "head_nlayers", "head_hidden_dim")
 DISTILL_METHODS = ("auto", "heads", "features")
-_PRETRAINING_ONLY_KEYS = ("train.freeze_backbone_iterations", "train.unfreeze_lr_ramp_iterations",
-                          "train.gram_anchor_weight")
+_PRETRAINING_ONLY_KEYS = ("train.freeze_backbone_iterations", "train.unfreeze_lr_ramp_iterations")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

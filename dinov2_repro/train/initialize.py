@@ -104,14 +104,12 @@ def read_backbone_weights(weights: str | Path, student_cfg: DictConfig) -> tuple
 
 
 def init_backbones_from_file(model: nn.Module, weights: str | Path) -> dict[str, Any]:
-    """Continued pretraining: copy a backbone file into the student and teacher backbones (and the
-    Gram anchor when there is one). Heads and centers keep their fresh init. Returns the header."""
+    """Continued pretraining: copy a backbone file into the student and teacher backbones. Heads
+    and centers keep their fresh init. Returns the header."""
     from ..config import ConfigError
 
     state, meta = read_backbone_weights(weights, model.cfg.student)
     targets = {"student.backbone": model.student.backbone, "teacher.backbone": model.teacher.backbone}
-    if getattr(model, "gram_anchor", None) is not None:
-        targets["gram_anchor"] = model.gram_anchor
     for name, backbone in targets.items():
         fitted = dict(state)
         _fit_pos_embed(fitted, backbone.state_dict(), backbone)
@@ -140,15 +138,8 @@ def init_from_pretrained(model: nn.Module, weights: str | Path) -> None:
     state = source.state_dict()
     target = model.state_dict()
     _fit_pos_embed(state, target, model)
-    anchor = getattr(model, "gram_anchor", None)
     try:
-        result = model.load_state_dict(state, strict=False)
-        # Only the Gram anchor (not part of a run's weights) may be missing.
-        extra = [k for k in result.missing_keys if not k.startswith("gram_anchor.")] + list(result.unexpected_keys)
-        if extra:
-            raise RuntimeError(f"missing or unexpected keys {extra[:6]}")
+        model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise RuntimeError(f"MODEL.WEIGHTS={weights}: weights do not fit this architecture: {err}") from err
-    if anchor is not None:  # the anchor is the backbone the run starts from
-        anchor.load_state_dict(model.student.backbone.state_dict())
     logger.info("initialised from %s", checkpoint)

@@ -77,22 +77,11 @@ class SSLMetaArch(nn.Module):
         if cfg.train.centering == "centering":
             self.dino_center = SoftmaxCentering(out_dim=cfg.dino.head_n_prototypes, momentum=0.9)
             self.ibot_center = SoftmaxCentering(out_dim=ibot_prototypes, momentum=0.9)
-        # Continued pretraining's optional anchor: a frozen copy of the backbone the run starts from
-        # (MODEL.WEIGHTS loads it), whose patch-feature Gram matrices the student is pulled towards.
-        self.gram_anchor_weight = float(cfg.train.get("gram_anchor_weight", 0.0))
-        self.gram_anchor: nn.Module | None = None
-        if self.gram_anchor_weight > 0:
-            self.gram_anchor = build_backbone(cfg.student, img_size=cfg.crops.global_crops_size, drop_path_rate=0.0,
-                                              attn_backend=cfg.train.attention_backend)
-            self.gram_anchor.load_state_dict(self.student.backbone.state_dict())
-            self.gram_anchor.requires_grad_(False)
 
     # ---- what the generic loop needs --------------------------------------------------
     def train(self, mode: bool = True) -> "SSLMetaArch":
         super().train(mode)
         self.teacher.eval()  # the teacher never drops paths
-        if self.gram_anchor is not None:
-            self.gram_anchor.eval()
         return self
 
     def trainable(self) -> nn.Module:
@@ -148,16 +137,6 @@ class SSLMetaArch(nn.Module):
         ibot_probs = self._center("ibot", patch_logits.float(), temp)
         return dino_probs, ibot_probs
 
-    def gram_anchor_loss(self, global_crops: Tensor, student_patches: Tensor) -> Tensor:
-        """Gram anchoring (DINOv3): mean over images of ||X_s X_s^T - X_a X_a^T||_F^2 / N^2 on
-        L2-normalised patch features, X_a from the frozen initial backbone on the same (unmasked)
-        crops. Dividing by N^2 makes the weight independent of the crop size."""
-        with torch.no_grad():
-            anchor = self.gram_anchor(global_crops, is_training=True)["x_norm_patchtokens"]
-        xs = torch.nn.functional.normalize(student_patches.float(), dim=-1)
-        xa = torch.nn.functional.normalize(anchor.float(), dim=-1)
-        return (xs @ xs.transpose(1, 2) - xa @ xa.transpose(1, 2)).pow(2).mean()
-
     def compute_losses(self, batch: dict[str, Any], values: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         device = next(self.student.parameters()).device
@@ -204,10 +183,6 @@ class SSLMetaArch(nn.Module):
         total = cfg.dino.loss_weight * dino + cfg.dino.koleo_loss_weight * koleo + cfg.ibot.loss_weight * ibot
         terms = {"dino_local_crops_loss": dino_local / n_terms, "dino_global_crops_loss": dino_global / n_terms,
                  "koleo_loss": koleo, "ibot_loss": ibot}
-        if self.gram_anchor is not None:
-            gram = self.gram_anchor_loss(global_crops, outputs[0]["x_norm_patchtokens"])
-            total = total + self.gram_anchor_weight * gram
-            terms["gram_anchor_loss"] = gram
         # dino_global sums the 2 swapped pairs' batch-mean cross-entropies.
         terms.update(teacher_monitors(dino_probs, dino_global.detach() / 2))
         return total, {k: v.detach() for k, v in terms.items()}

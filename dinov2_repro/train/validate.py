@@ -66,12 +66,12 @@ def _check_lengths(cfg: DictConfig) -> None:
 
 
 def _check_warm_start(cfg: DictConfig) -> None:
-    """The continued-pretraining keys: a frozen or anchored backbone needs MODEL.WEIGHTS, the
-    freeze must end before the run does."""
+    """The continued-pretraining keys: a frozen backbone needs MODEL.WEIGHTS, the freeze must end
+    before the run does, the file must fit the `student:` section."""
     from .initialize import is_backbone_file
     from .schedules import total_iterations
 
-    for key in ("train.freeze_backbone_iterations", "train.unfreeze_lr_ramp_iterations", "train.gram_anchor_weight"):
+    for key in ("train.freeze_backbone_iterations", "train.unfreeze_lr_ramp_iterations"):
         value = _get(cfg, key)
         _require(value >= 0, key, value, "must be >= 0")
     weights = str(cfg.MODEL.WEIGHTS)
@@ -83,9 +83,6 @@ def _check_warm_start(cfg: DictConfig) -> None:
         total = total_iterations(cfg)
         _require(freeze < total, "train.freeze_backbone_iterations", freeze,
                  f"must be smaller than the run's {total} iterations (the backbone would never train)")
-    if cfg.train.gram_anchor_weight > 0:
-        _require(bool(weights), "train.gram_anchor_weight", cfg.train.gram_anchor_weight,
-                 "anchors to the initial backbone, but MODEL.WEIGHTS is empty; set MODEL.WEIGHTS or use 0")
     if weights and is_backbone_file(weights):
         from .initialize import check_backbone_fits, read_backbone_header
 
