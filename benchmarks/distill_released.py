@@ -13,7 +13,9 @@
      schedule keys copied from the distillation config.
 3. Linear CKA and shared nearest neighbours of CLS features with the teacher on the land-cover
    tiles, and the land-cover kNN probe over 5 spatial splits.
-Pass (issue): distilled > scratch on CKA and on the probe. Writes ``<output-dir>/distill_released_cpu.json``.
+Pass (issue): distilled > scratch on CKA and on the probe. Writes
+``<output-dir>/distill_released_cpu_<student iterations>it.json``; the teacher is trained once per
+``--work-dir`` and reused.
 """
 from __future__ import annotations
 
@@ -92,11 +94,12 @@ def main() -> None:
         run_ssl_training(teacher_cfg)
     timings = {"teacher": round(time.perf_counter() - t0, 1)}
 
-    cfg = distill_config(teacher_export, images, work / "distilled", args.student_iterations)
+    n = args.student_iterations
+    cfg = distill_config(teacher_export, images, work / f"distilled_{n}it", n)
     t0 = time.perf_counter()
     run_distillation(cfg)
     timings["distilled"] = round(time.perf_counter() - t0, 1)
-    scratch = scratch_config(cfg, images, work / "scratch")
+    scratch = scratch_config(cfg, images, work / f"scratch_{n}it")
     t0 = time.perf_counter()
     run_ssl_training(scratch)
     timings["scratch"] = round(time.perf_counter() - t0, 1)
@@ -113,8 +116,8 @@ def main() -> None:
                      "probe": "land-cover kNN top-1, k=20, 5 spatial splits", "torch_threads": 1},
         "machine": machine, "seconds": timings,
     }
-    distilled_export = student_export_path(work / "distilled", STUDENT)
-    scratch_export = work / "scratch" / TEACHER_EXPORT
+    distilled_export = student_export_path(work / f"distilled_{n}it", STUDENT)
+    scratch_export = work / f"scratch_{n}it" / TEACHER_EXPORT
     for name, export in (("teacher", teacher_export), ("distilled", distilled_export), ("scratch", scratch_export)):
         probe = landcover_knn_report(export, size=SIZE, split_seeds=SPLITS)
         report[name] = {"landcover_knn_top1": probe["knn_top1_trained"], "random_init_top1": probe["knn_top1_random_init"],
@@ -123,7 +126,7 @@ def main() -> None:
             report[name].update(teacher_agreement(teacher_export, export, size=SIZE))
     d, s = report["distilled"], report["scratch"]
     report["pass"] = {"cka": d["cka"] > s["cka"], "landcover_probe": d["landcover_knn_top1"] > s["landcover_knn_top1"]}
-    out = Path(args.output_dir) / "distill_released_cpu.json"
+    out = Path(args.output_dir) / f"distill_released_cpu_{n}it.json"
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
