@@ -22,11 +22,15 @@ from dinov2_repro.models import build_vit
 from dinov2_repro.teacher_bundle import bundle_config, bundle_weight_names, teacher_bundle_file
 from dinov2_repro.train.checkpoint import read_meta, resolve_checkpoint
 
+from .features import FEATURE_LOSSES
+
 logger = logging.getLogger("dinov2_repro")
 DISTILL_DEFAULTS_PATH = CONFIG_DIR / "distill" / "distill_defaults.yaml"
 # Keys a student section may set besides those of the `student:` template.
 _STUDENT_EXTRA_KEYS = ("name", "base_lr")
 _HEAD_KEYS = ("head_n_prototypes", "head_bottleneck_dim", "head_nlayers", "head_hidden_dim")
+DISTILL_METHODS = ("auto", "heads", "features")
+_PRETRAINING_ONLY_KEYS = ("train.freeze_backbone_iterations", "train.unfreeze_lr_ramp_iterations")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,6 +44,17 @@ def merge_distill_config(config_file: str | os.PathLike | None = None, overrides
     """Defaults, experiment YAML and overrides merged and validated (keys, types, students);
     the teacher is not looked at."""
     cfg = load_config(config_file, overrides, defaults_file=(DEFAULTS_PATH, DISTILL_DEFAULTS_PATH))
+    for key in _PRETRAINING_ONLY_KEYS:  # read by pretraining only: a value here would be silently ignored
+        section, name = key.split(".")
+        if cfg[section][name] not in (0, 0.0, ""):
+            raise ConfigError(f"{key}={cfg[section][name]!r} is a continued-pretraining setting; distillation does not "
+                              "use it (the teacher is frozen, the students start fresh): remove it")
+    if cfg.distill.method not in DISTILL_METHODS:
+        raise ConfigError(f"distill.method={cfg.distill.method!r} unknown; choose one of {', '.join(DISTILL_METHODS)}")
+    if cfg.distill.feature_loss not in FEATURE_LOSSES:
+        raise ConfigError(f"distill.feature_loss={cfg.distill.feature_loss!r} unknown; choose one of {', '.join(FEATURE_LOSSES)}")
+    if cfg.distill.feature_patch_loss_weight < 0:
+        raise ConfigError(f"distill.feature_patch_loss_weight={cfg.distill.feature_patch_loss_weight} must be >= 0")
     student_specs(cfg)
     return cfg
 
@@ -108,9 +123,10 @@ def resolve_teacher_checkpoint(path: str | os.PathLike) -> Path:
     if bundle is not None:
         return bundle
     if path.is_file() or (path / "export").is_dir() and not (path / "checkpoints").is_dir():
-        raise ConfigError(f"distill.teacher={path} is a backbone export without the DINO/iBOT heads; distillation "
-                          "needs the heads: pass the pretraining run directory, one of its checkpoints/iter_* directories "
-                          "or a teacher bundle (`dinov2-repro export --with-heads`)")
+        raise ConfigError(f"distill.teacher={path} is a backbone without the DINO/iBOT heads; distill.method=heads "
+                          "needs the heads: pass the pretraining run directory or one of its checkpoints/iter_* "
+                          "directories, a teacher bundle (`dinov2-repro export --with-heads`), or use distill.method=features "
+                          "(head-free) with the backbone file")
     if not path.exists():
         raise ConfigError(f"distill.teacher={path} does not exist")
     try:
@@ -146,9 +162,68 @@ def _param_count(section: DictConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def resolve_method(cfg: DictConfig) -> str:
+    """``distill.method`` with ``auto`` resolved: features for a teacher file, heads otherwise."""
+    method = str(cfg.distill.method)
+    if method == "auto":
+        return "features" if Path(str(cfg.distill.teacher)).is_file() else "heads"
+    return method
+
+
+def read_teacher_header(path: Path) -> dict:
+    """The header of a backbone-file teacher (weights are not read for this project's export)."""
+    from dinov2_repro.train.initialize import read_backbone_header
+
+    return read_backbone_header(path, key="distill.teacher")
+
+
+def attach_backbone_teacher(cfg: DictConfig) -> DictConfig:
+    """``distill.method=features``: check a backbone-file teacher against the config and copy its
+    facts (arch, patch size, width, bands, normalisation) into ``cfg``."""
+    path = Path(str(cfg.distill.teacher))
+    if not path.is_file():
+        raise ConfigError(f"distill.teacher={path}: distill.method=features needs a backbone file (a .safetensors "
+                          "export or a released checkpoint); for a run directory use distill.method=heads, or pass "
+                          "its export/teacher_backbone.safetensors")
+    meta = read_teacher_header(path)
+    facts = {"arch": str(meta["arch"]), "patch_size": int(meta["patch_size"]), "embed_dim": int(meta["embed_dim"]),
+             "in_chans": int(meta["in_chans"])}
+    for key, actual in facts.items():
+        expected = cfg.distill.get(f"teacher_{key}")
+        if expected not in ("", 0, None) and expected != actual:
+            raise ConfigError(f"distill.teacher_{key}={expected!r} but the teacher file {path} has {key}={actual!r} "
+                              "(from its header); fix the config or pick the right teacher")
+        cfg.distill[f"teacher_{key}"] = actual
+    cfg.distill.teacher = str(path.resolve())
+    cfg.distill.method = "features"
+    if cfg.student.in_chans != facts["in_chans"]:
+        logger.info("student.in_chans=%s set to the teacher's %s", cfg.student.in_chans, facts["in_chans"])
+        cfg.student.in_chans = facts["in_chans"]
+    # The teacher's features are only meaningful on inputs normalised as it was trained (SAT-493M's
+    # mean/std differ from ImageNet's): its header wins, and the students' exports record it.
+    for key in ("mean", "std"):
+        values = [float(v) for v in meta[key]]
+        if [float(v) for v in cfg.crops[key]] != values:
+            logger.info("crops.%s set to the teacher's %s", key, values)
+        cfg.crops[key] = values
+    for spec in student_specs(cfg):
+        patch = int(spec.section.patch_size)
+        for key in ("global_crops_size", "local_crops_size"):
+            if cfg.crops[key] % patch and (key == "global_crops_size" or cfg.crops.local_crops_number):
+                raise ConfigError(f"crops.{key}={cfg.crops[key]} must be a multiple of student {spec.name!r}'s "
+                                  f"patch_size={patch} (the teacher's {facts['patch_size']} need not divide it)")
+    return cfg
+
+
 def attach_teacher(cfg: DictConfig) -> DictConfig:
     """Resolve ``distill.teacher``, check it against the config, copy its head sizes and
-    band count into ``cfg``; warns when a student is larger than the teacher."""
+    band count into ``cfg``; warns when a student is larger than the teacher. A backbone-only
+    teacher (``distill.method`` features, or auto with a file) goes to ``attach_backbone_teacher``."""
+    if not str(cfg.distill.teacher):
+        raise ConfigError("no teacher: pass --teacher RUN_DIR_OR_CHECKPOINT_OR_BACKBONE_FILE (or distill.teacher=...)")
+    if resolve_method(cfg) == "features":
+        return attach_backbone_teacher(cfg)
+    cfg.distill.method = "heads"
     checkpoint = resolve_teacher_checkpoint(cfg.distill.teacher)
     keys = _checkpoint_keys(checkpoint)
     heads = [k for k in keys if k.startswith("model.teacher.dino_head.")]

@@ -30,6 +30,7 @@ from dinov2_repro.train.meta_arch import SSLMetaArch, _head, build_backbone
 from dinov2_repro.train.optim import build_param_groups
 
 from .config import StudentSpec, student_specs, teacher_config
+from .features import crop_feature_losses, projection_heads, teacher_features
 
 logger = logging.getLogger("dinov2_repro")
 
@@ -58,6 +59,19 @@ def build_teacher(checkpoint: str | Path, *, attention_backend: str = "auto") ->
     teacher.load_state_dict({k[len("teacher."):]: v for k, v in state["model"].items()}, strict=True)
     teacher.requires_grad_(False)
     return teacher.eval(), source
+
+
+def build_backbone_teacher(path: str | Path, *, attention_backend: str = "auto") -> nn.ModuleDict:
+    """A frozen ``{backbone}`` from a backbone file (this project's export or, through
+    ``backbone_file.load_backbone``, a released checkpoint): the teacher of feature distillation."""
+    from dinov2_repro.backbone_file import load_backbone
+
+    backbone, _ = load_backbone(path)
+    if hasattr(backbone, "set_attention_backend"):
+        backbone.set_attention_backend(attention_backend)
+    teacher = nn.ModuleDict({"backbone": backbone})
+    teacher.requires_grad_(False)
+    return teacher.eval()
 
 
 def _load_centers(checkpoint: str | Path, centers: dict[str, SoftmaxCentering]) -> None:
@@ -104,6 +118,18 @@ def _build_student(spec: StudentSpec, cfg: DictConfig, *, img_size: int, embed_h
     return student
 
 
+def _build_feature_student(spec: StudentSpec, cfg: DictConfig, *, img_size: int, teacher_dim: int) -> nn.ModuleDict:
+    """A student of feature distillation: its backbone and the projections of its CLS and patch
+    tokens to the teacher's width (seeded by name, like ``_build_student``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(student_seed(cfg.train.seed, spec.name))
+        backbone = build_backbone(spec.section, img_size=img_size, drop_path_rate=0.0,
+                                  attn_backend=cfg.train.attention_backend, stochastic_depth=cfg.train.stochastic_depth)
+        student = nn.ModuleDict({"backbone": backbone, **projection_heads(backbone.embed_dim, teacher_dim)})
+    backbone.mask_token.requires_grad_(False)  # nothing is masked (see _build_student)
+    return student
+
+
 class DistillMetaArch(nn.Module):
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
@@ -111,6 +137,11 @@ class DistillMetaArch(nn.Module):
             raise ValueError(f"train.centering {cfg.train.centering!r} unknown; choose 'centering' or 'sinkhorn_knopp'")
         self.cfg = cfg
         self.specs = {spec.name: spec for spec in student_specs(cfg)}
+        # "features": a backbone-only teacher, head-free feature distillation (distill/features.py).
+        self.method = str(cfg.distill.get("method", "heads"))
+        if self.method == "features":
+            self._init_feature_distillation(cfg)
+            return
         self.teacher, teacher_cfg = build_teacher(cfg.distill.teacher, attention_backend=cfg.train.attention_backend)
         self.teacher_patch = int(teacher_cfg.student.patch_size)
         self.grid = cfg.crops.global_crops_size // self.teacher_patch
@@ -130,8 +161,22 @@ class DistillMetaArch(nn.Module):
             self.ibot_center = SoftmaxCentering(out_dim=ibot_prototypes, momentum=0.9)
             _load_centers(cfg.distill.teacher, {"dino": self.dino_center, "ibot": self.ibot_center})
 
+    def _init_feature_distillation(self, cfg: DictConfig) -> None:
+        self.teacher = build_backbone_teacher(cfg.distill.teacher, attention_backend=cfg.train.attention_backend)
+        self.teacher_patch = int(self.teacher.backbone.patch_size)
+        self.students = nn.ModuleDict()
+        self.ema = nn.ModuleDict()
+        for name, spec in self.specs.items():
+            student = _build_feature_student(spec, cfg, img_size=cfg.crops.global_crops_size,
+                                             teacher_dim=int(self.teacher.backbone.embed_dim))
+            self.students[name] = student
+            self.ema[name] = copy.deepcopy(student.backbone).requires_grad_(False)
+
     def student_size(self, spec: StudentSpec, size: int) -> int:
-        """Input size for the student: the crop size, or (other patch size) the size with the teacher's grid."""
+        """Input size for the student: the crop size, or (other patch size, heads method) the size
+        with the teacher's grid. Feature distillation resamples the teacher's grid instead."""
+        if self.method == "features":
+            return size
         return size // self.teacher_patch * int(spec.section.patch_size)
 
     # ---- the contract (dinov2_repro.train.contract.MetaArch) --------------------------------
@@ -229,10 +274,31 @@ class DistillMetaArch(nn.Module):
                  "koleo_loss": koleo, "ibot_loss": ibot, "loss": total}
         return total, {f"{name}/{k}": v.detach() for k, v in terms.items()}
 
+    def feature_losses(self, global_crops: Tensor, local_crops: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Head-free distillation: every student's projected CLS and patch tokens of each crop set
+        (global, local) against the frozen teacher's of the same crops, averaged over the sets."""
+        crop_sets = [global_crops] + ([local_crops] if local_crops.numel() else [])
+        targets = [teacher_features(self.teacher.backbone, crops) for crops in crop_sets]
+        kind, patch_weight = str(self.cfg.distill.feature_loss), float(self.cfg.distill.feature_patch_loss_weight)
+        total, terms = None, {}
+        for name, student in self.students.items():
+            outputs = student.backbone(crop_sets, [None] * len(crop_sets), is_training=True)  # one packed pass
+            cls_loss = patch_loss = 0.0
+            for out, crops, target in zip(outputs, crop_sets, targets):
+                cls, patches = crop_feature_losses(out, tuple(crops.shape[-2:]), target, student, kind)
+                cls_loss, patch_loss = cls_loss + cls / len(crop_sets), patch_loss + patches / len(crop_sets)
+            loss = cls_loss + patch_weight * patch_loss
+            total = loss if total is None else total + loss
+            terms.update({f"{name}/cls_feature_loss": cls_loss.detach(), f"{name}/patch_feature_loss": patch_loss.detach(),
+                          f"{name}/loss": loss.detach()})
+        return total, terms
+
     def compute_losses(self, batch: dict[str, Any], values: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
         device = next(self.teacher.parameters()).device
         global_crops = batch["collated_global_crops"].to(device, non_blocking=True)
         local_crops = batch["collated_local_crops"].to(device, non_blocking=True)
+        if self.method == "features":
+            return self.feature_losses(global_crops, local_crops)
         dino_probs, ibot_probs = self.teacher_targets(global_crops, values["teacher_temp"])  # once for all students
         total, terms = None, {}
         for name in self.students:

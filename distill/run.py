@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dinov2_repro.distributed import DistributedEnv
-from dinov2_repro.distributed.fsdp import device_mesh_for, full_state_dict, shard_modules
+from dinov2_repro.distributed.fsdp import _policy, device_mesh_for, full_state_dict, shard_modules
 from dinov2_repro.backbone_file import save_backbone
 from dinov2_repro.train.loop import train
 from dinov2_repro.train.meta_arch import build_backbone
@@ -29,24 +29,40 @@ def build_distill_meta_arch(cfg: DictConfig) -> DistillMetaArch:
     return DistillMetaArch(cfg)
 
 
+def fp32_policy():
+    return _policy(None, True)
+
+
 def wrap_distill_if_distributed(model: DistillMetaArch, cfg: DictConfig, env: DistributedEnv) -> DistillMetaArch:
     """FSDP2 like pretraining: the teacher with the teacher policies, each student with the
     student policies, each EMA backbone like its student (so the EMA meets matching shards)."""
     if not (dist.is_available() and dist.is_initialized()):
         return model
+    from torch.distributed.fsdp import fully_shard
+
     mesh = device_mesh_for(next(model.parameters()).device)
     precision = cfg.compute_precision
     common = dict(mesh=mesh, block_chunks=int(cfg.student.block_chunks), all_fp32=precision.param_dtype == "fp32")
     shard_modules(model.teacher, precision=precision.get("teacher", {}), **common)
     for name, student in model.students.items():
         shard_modules(student, precision=precision.get("student", {}), **common)
+        for projection in ("cls_proj", "patch_proj"):  # feature distillation's heads: small, kept in fp32
+            if projection in student:
+                fully_shard(student[projection], mesh=mesh, mp_policy=fp32_policy(), reshard_after_forward=True)
         shard_modules(nn.ModuleDict({"backbone": model.ema[name]}), precision=precision.get("teacher", {}), **common)
     return model
 
 
 def build_distill_data(cfg: DictConfig, start_iteration: int, env: DistributedEnv) -> Iterator[dict[str, Any]]:
-    """The pretraining data stream with the teacher's patch size and band count, and no masks."""
-    data_cfg = OmegaConf.merge(cfg, {"student": {"patch_size": int(cfg.distill.teacher_patch_size),
+    """The pretraining data stream with the teacher's patch size and band count, and no masks.
+    Feature distillation resizes the teacher's input instead: the crops follow the students'
+    patch size (config.attach_backbone_teacher checked that they fit every student)."""
+    from .config import student_specs
+
+    patch = int(cfg.distill.teacher_patch_size)
+    if cfg.distill.get("method") == "features":
+        patch = int(student_specs(cfg)[0].section.patch_size)
+    data_cfg = OmegaConf.merge(cfg, {"student": {"patch_size": patch,
                                                  "in_chans": int(cfg.distill.teacher_in_chans)},
                                      "ibot": {"mask_sample_probability": 0.0}})
     return build_ssl_data(data_cfg, start_iteration, env)

@@ -129,7 +129,10 @@ def test_teacher_path_errors(teacher_run, image_root, tmp_path):
     export.write_bytes(b"x")
     for path in (export, tmp_path / "run"):
         with pytest.raises(ConfigError, match="needs the heads"):
-            distill_cfg(path, tmp_path / "out", image_root)
+            distill_cfg(path, tmp_path / "out", image_root, "distill.method=heads")
+    # distill.method=auto takes a file for a backbone-only teacher (head-free features): a corrupt one is named.
+    with pytest.raises(ConfigError, match="cannot read the backbone file"):
+        distill_cfg(export, tmp_path / "out", image_root)
     with pytest.raises(ConfigError, match="--teacher"):
         distill_cfg("", tmp_path / "out", image_root)
 

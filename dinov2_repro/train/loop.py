@@ -173,7 +173,8 @@ def _train(
 
     for iteration in range(start_iteration, total):
         values = schedules.values(iteration)
-        apply_schedule(optimizer, lr=values["lr"], wd=values["wd"], last_layer_lr=values["last_layer_lr"])
+        apply_schedule(optimizer, lr=values["lr"], wd=values["wd"], last_layer_lr=values["last_layer_lr"],
+                       backbone_lr_scale=values["backbone_lr_scale"])
         optimizer.zero_grad(set_to_none=True)
         loss_value, terms, n_skipped = 0.0, {}, 0
         for micro in range(accumulation):

@@ -34,11 +34,12 @@ def build_param_groups(
     layerwise_decay: float,
     patch_embed_lr_mult: float,
 ) -> list[dict]:
-    """Parameters grouped by identical (lr multiplier, wd multiplier, is_last_layer).
+    """Parameters grouped by identical (lr multiplier, wd multiplier, is_last_layer, is_backbone).
 
     Names are those of the student ``ModuleDict``: ``backbone.*`` gets the layer-wise decay,
-    heads sit above the last layer (multiplier 1)."""
-    buckets: dict[tuple[float, float, bool], list[nn.Parameter]] = defaultdict(list)
+    heads sit above the last layer (multiplier 1). ``is_backbone`` lets the warm start of a
+    continued pretraining freeze and then ramp the backbone alone (``apply_schedule``)."""
+    buckets: dict[tuple[float, float, bool, bool], list[nn.Parameter]] = defaultdict(list)
     for name, param in named_params:
         if not param.requires_grad:
             continue
@@ -49,10 +50,11 @@ def build_param_groups(
         else:
             lr_mult = 1.0
         wd_mult = 0.0 if _no_weight_decay(name, param) else 1.0
-        buckets[(lr_mult, wd_mult, "last_layer" in name)].append(param)
+        buckets[(lr_mult, wd_mult, "last_layer" in name, name.startswith("backbone."))].append(param)
     return [
-        {"params": params, "lr_multiplier": lr_mult, "wd_multiplier": wd_mult, "is_last_layer": last}
-        for (lr_mult, wd_mult, last), params in buckets.items()
+        {"params": params, "lr_multiplier": lr_mult, "wd_multiplier": wd_mult, "is_last_layer": last,
+         "is_backbone": backbone}
+        for (lr_mult, wd_mult, last, backbone), params in buckets.items()
     ]
 
 
@@ -61,7 +63,14 @@ def build_optimizer(param_groups: list[dict], *, betas: tuple[float, float], fus
     return torch.optim.AdamW(param_groups, lr=0.0, betas=betas, fused=use_fused or None)
 
 
-def apply_schedule(optimizer: torch.optim.Optimizer, *, lr: float, wd: float, last_layer_lr: float) -> None:
+def apply_schedule(optimizer: torch.optim.Optimizer, *, lr: float, wd: float, last_layer_lr: float,
+                   backbone_lr_scale: float = 1.0) -> None:
+    """Set every group's lr and weight decay for this iteration. ``backbone_lr_scale`` (0 while a
+    warm-started backbone is frozen, then a ramp to 1) multiplies the groups marked ``is_backbone``.
+    AdamW decays by ``lr * wd``, so a frozen group is neither moved nor decayed; its gradients
+    still fill the Adam moments, which keeps every parameter in the optimiser state (a checkpoint
+    taken during the freeze then loads like any other)."""
     for group in optimizer.param_groups:
-        group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"]
+        scale = backbone_lr_scale if group.get("is_backbone", False) else 1.0
+        group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"] * scale
         group["weight_decay"] = wd * group["wd_multiplier"]

@@ -35,6 +35,20 @@ class LinearWarmupThenConstant:
         return float(self.start + (self.end - self.start) * it / max(self.warmup_iters, 1))
 
 
+class FrozenThenRamp:
+    """0 for ``frozen_iters``, then a linear ramp to 1 over ``ramp_iters``, then 1: the backbone's
+    lr multiplier of a warm start (both 0: always 1, i.e. no warm start)."""
+
+    def __init__(self, *, frozen_iters: int, ramp_iters: int) -> None:
+        self.frozen_iters, self.ramp_iters = int(frozen_iters), int(ramp_iters)
+
+    def __getitem__(self, it: int) -> float:
+        if it < self.frozen_iters:
+            return 0.0
+        done = it - self.frozen_iters + 1  # the first unfrozen iteration already moves the backbone
+        return min(1.0, done / self.ramp_iters) if self.ramp_iters else 1.0
+
+
 def scaled_lr(base_lr: float, total_batch_size: int, rule: str = "sqrt_wrt_1024") -> float:
     """The recipe's lr scaling: base_lr * sqrt(total_batch / 1024)."""
     if rule == "sqrt_wrt_1024":
@@ -54,11 +68,13 @@ class Schedules:
     teacher_temp: LinearWarmupThenConstant
     last_layer_lr: CosineScheduler
     total_iters: int
+    backbone_lr_scale: FrozenThenRamp = FrozenThenRamp(frozen_iters=0, ramp_iters=0)
 
     def values(self, it: int) -> dict[str, float]:
         return {
             "lr": self.lr[it], "wd": self.wd[it], "mom": self.momentum[it],
             "teacher_temp": self.teacher_temp[it], "last_layer_lr": self.last_layer_lr[it],
+            "backbone_lr_scale": self.backbone_lr_scale[it],
         }
 
 
@@ -85,6 +101,8 @@ def build_schedules(cfg: DictConfig, *, world_size: int) -> Schedules:
                                               warmup_iters=int(cfg.teacher.warmup_teacher_temp_epochs * epoch_len)),
         last_layer_lr=_frozen_then(CosineScheduler(**lr_kwargs), int(cfg.optim.freeze_last_layer_epochs * epoch_len)),
         total_iters=total,
+        backbone_lr_scale=FrozenThenRamp(frozen_iters=int(cfg.train.freeze_backbone_iterations),
+                                         ramp_iters=int(cfg.train.unfreeze_lr_ramp_iterations)),
     )
 
 

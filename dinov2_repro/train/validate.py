@@ -66,6 +66,34 @@ def _check_lengths(cfg: DictConfig) -> None:
     _require(cfg.optim.base_lr > 0, "optim.base_lr", cfg.optim.base_lr, "must be > 0")
 
 
+def _check_warm_start(cfg: DictConfig) -> None:
+    """The continued-pretraining keys: a frozen backbone needs MODEL.WEIGHTS, the freeze must end
+    before the run does, the file must fit the `student:` section."""
+    from .initialize import is_backbone_file
+    from .schedules import total_iterations
+
+    for key in ("train.freeze_backbone_iterations", "train.unfreeze_lr_ramp_iterations"):
+        value = _get(cfg, key)
+        _require(value >= 0, key, value, "must be >= 0")
+    weights = str(cfg.MODEL.WEIGHTS)
+    freeze = int(cfg.train.freeze_backbone_iterations)
+    if freeze:
+        _require(bool(weights), "train.freeze_backbone_iterations", freeze,
+                 "freezes the backbone, but MODEL.WEIGHTS is empty: a random backbone would stay random; "
+                 "set MODEL.WEIGHTS or use 0")
+        total = total_iterations(cfg)
+        _require(freeze < total, "train.freeze_backbone_iterations", freeze,
+                 f"must be smaller than the run's {total} iterations (the backbone would never train)")
+    if weights and is_backbone_file(weights):
+        from .initialize import check_backbone_fits, read_backbone_header
+
+        check_backbone_fits(read_backbone_header(weights, key="MODEL.WEIGHTS"), cfg.student, weights)
+    if weights and is_backbone_file(weights) and not freeze:
+        logger.warning("MODEL.WEIGHTS=%s is a backbone without DINO/iBOT heads and train.freeze_backbone_iterations=0: "
+                       "the fresh heads will train the backbone from their first (random) targets; naive continued "
+                       "pretraining has been reported to collapse (see docs/released-weights.md)", weights)
+
+
 def _check_interval(key: str, value: Sequence[float], *, low_open: bool) -> None:
     values = list(value)
     _require(len(values) == 2, key, values, "give [min, max]")
@@ -173,6 +201,7 @@ def validate_train_config(cfg: DictConfig, *, check_data: bool = True) -> None:
         logger.warning("train.grad_accumulation=%d with train.centering=sinkhorn_knopp: Sinkhorn-Knopp normalises "
                        "each micro-batch (batch_size_per_gpu x ranks), not the accumulated global batch",
                        cfg.train.grad_accumulation)
+    _check_warm_start(cfg)
     _check_choices(cfg)
     _check_crops(cfg)
     check_output_dir_writable("train.output_dir", cfg.train.output_dir)
