@@ -17,7 +17,7 @@ class Progress:
         self.total, self.desc, self.unit = int(total), desc, unit
         self.done, self.start, self.last = 0, time.monotonic(), time.monotonic()
         self.interval_s = interval_s
-        stream = stream or sys.stderr
+        stream = stream if stream is not None else sys.stderr
         self.bar = None
         self.enabled = enabled and total > 0
         if self.enabled and getattr(stream, "isatty", lambda: False)():
