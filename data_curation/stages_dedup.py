@@ -26,7 +26,8 @@ from .units import Phase, ShardContext, StageUnit, remove_other_work, stable_buc
 log = logging.getLogger(__name__)
 
 REGION_BATCH = 256  # rows per region item (fixed: descriptors do not depend on the shard count)
-VERIFY_CHUNK = 1024  # pairs per verification output file (a killed shard loses at most one chunk)
+VERIFY_CHUNK = 8192  # pairs per verification output file (a killed shard loses at most one chunk;
+# large enough that verify_rows splits a chunk over num_threads spawned processes)
 
 
 def _rows(cfg: DictConfig) -> list[dict]:

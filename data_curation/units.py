@@ -133,8 +133,13 @@ def run_task(cfg: DictConfig, unit: StageUnit, phase_name: str, shard: int, num_
     start = time.time()
     log.info("%s: running (work dir %s)", ctx.label, ctx.work)
     phase.fn(ctx)
+    import resource
+
+    # Peak resident memory of this process so far (Linux: KiB): what a Slurm task must be given.
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     atomic_write_json(done, {"seconds": round(time.time() - start, 2), "host": os.uname().nodename,
-                             "slurm_job": os.environ.get("SLURM_JOB_ID")})
+                             "slurm_job": os.environ.get("SLURM_JOB_ID"), "pid": os.getpid(),
+                             "peak_rss_mb": round(peak_mb, 1)})
     log.info("%s: done in %.1fs", ctx.label, time.time() - start)
     return True
 
