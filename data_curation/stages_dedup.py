@@ -18,7 +18,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from .fingerprint import record_stage
-from .io import atomic_save_npz, atomic_write_json, read_json, read_manifest
+from .io import atomic_save_npy, atomic_save_npz, atomic_write_json, read_json, read_manifest
 from .paths import embedding_store, embeddings_in_ram, out, pool_manifest, require, sscd_checkpoint, write_selected
 from .progress import Progress
 from .units import Phase, ShardContext, StageUnit, remove_other_work, stable_bucket
@@ -137,8 +137,6 @@ def regions_embed(ctx: ShardContext) -> None:
                   enabled=cfg.embed.progress) as progress:
         for j, batch in todo:
             squares = [sq for r in batch for sq in corner_squares(load(int(r)), float(cfg.dedup.verify.region_side))]
-            from .io import atomic_save_npy
-
             atomic_save_npy(ctx.phase_dir / f"item_{j:05d}.npy", np.asarray(embed(squares), dtype=np.float32))
             progress.update(len(batch))
             ctx.item_done()
