@@ -84,9 +84,10 @@ def _job_spec(job: dict) -> dict:
     return {k: job[k] for k in keys}
 
 
-def embed_shards(job: dict, *, rank: int = 0, world_size: int = 1) -> list[int]:
-    """Compute this rank's missing shards; returns the shard ids it computed."""
-    torch.set_num_threads(max(1, int(job.get("num_threads", 2)) // world_size))
+def embed_shards(job: dict, *, rank: int = 0, world_size: int = 1, on_shard=None, desc: str | None = None) -> list[int]:
+    """Compute this rank's missing shards (shards rank, rank + world_size, ...); returns the shard
+    ids it computed. ``on_shard()`` is called after each shard is written."""
+    torch.set_num_threads(max(1, int(job.get("num_threads", 2))))
     out_dir = Path(job["out_dir"])
     rows = read_manifest(job["manifest"])
     device = resolve_device(job.get("device", "cpu"), key="device")
@@ -97,11 +98,10 @@ def embed_shards(job: dict, *, rank: int = 0, world_size: int = 1) -> list[int]:
     delay = float(os.environ.get(SHARD_DELAY_ENV, "0") or 0)
     todo = [(i, r) for i, r in enumerate(shard_ranges(len(rows), job["shard_size"]))
             if i % world_size == rank and not shard_file(out_dir, i).is_file()]
-    progress = None
-    if job.get("progress", True) and todo:
-        from tqdm import tqdm
+    from .progress import Progress
 
-        progress = tqdm(total=sum(stop - start for _, (start, stop) in todo), desc=f"embed[{rank}]", unit="img")
+    progress = Progress(sum(stop - start for _, (start, stop) in todo), desc or f"embed[{rank}]", unit="img",
+                        enabled=bool(job.get("progress", True)))
     done = []
     workers = int(job.get("num_workers", 0))
     for shard, (start, stop) in todo:
@@ -118,8 +118,7 @@ def embed_shards(job: dict, *, rank: int = 0, world_size: int = 1) -> list[int]:
                 skipped.extend({"row": int(indexes[i]), "path": rows[int(indexes[i])].get("path"), "error": errors[i]}
                                for i in bad)
             parts.append(embedded)
-            if progress:
-                progress.update(images.shape[0])
+            progress.update(images.shape[0])
         # The skip list first: a shard whose .npy exists is done, so its list must already be there.
         if skipped:
             atomic_write_json(skipped_file(out_dir, shard), skipped)
@@ -127,14 +126,16 @@ def embed_shards(job: dict, *, rank: int = 0, world_size: int = 1) -> list[int]:
             skipped_file(out_dir, shard).unlink(missing_ok=True)
         atomic_save_npy(shard_file(out_dir, shard), torch.cat(parts).numpy().astype(np.float16))
         done.append(shard)
+        if on_shard is not None:
+            on_shard()
         if delay:
             time.sleep(delay)
-    if progress:
-        progress.close()
+    progress.close()
     return done
 
 
 def _worker(job: dict, rank: int, world_size: int) -> None:
+    job = dict(job, num_threads=max(1, int(job.get("num_threads", 2)) // world_size))
     embed_shards(job, rank=rank, world_size=world_size)
 
 
@@ -147,16 +148,7 @@ def run_embed(job: dict, *, num_procs: int = 1) -> Path:
     out_dir = Path(job["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     job = dict(job, manifest=str(Path(job["manifest"]).resolve()), manifest_digest=file_digest(job["manifest"]))
-    spec_path = out_dir / "spec.json"
-    spec = _job_spec(job)
-    if spec_path.is_file():
-        old = read_json(spec_path)
-        if old != spec:
-            changed = sorted(k for k in spec if old.get(k) != spec[k])
-            raise ValueError(f"{out_dir}: existing shards were made with other settings ({', '.join(changed)}); "
-                             f"delete the folder to re-embed")
-    else:
-        atomic_write_json(spec_path, spec)
+    check_spec(job)
     if num_procs > 1:
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_worker, args=(job, rank, num_procs)) for rank in range(num_procs)]
@@ -170,6 +162,22 @@ def run_embed(job: dict, *, num_procs: int = 1) -> Path:
     else:
         embed_shards(job)
     return write_index(out_dir, job)
+
+
+def check_spec(job: dict) -> None:
+    """Refuse to mix shards of other settings into ``job['out_dir']`` (records the spec on first use)."""
+    out_dir = Path(job["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = out_dir / "spec.json"
+    spec = _job_spec(job)
+    if spec_path.is_file():
+        old = read_json(spec_path)
+        if old != spec:
+            changed = sorted(k for k in spec if old.get(k) != spec[k])
+            raise ValueError(f"{out_dir}: existing shards were made with other settings ({', '.join(changed)}); "
+                             f"delete the folder to re-embed")
+    else:
+        atomic_write_json(spec_path, spec)
 
 
 def write_index(out_dir: Path, job: dict) -> Path:

@@ -19,7 +19,7 @@ from .io import atomic_write_json, read_json
 # Config sections each stage's result depends on.
 STAGE_CONFIG = {"tile": ("tile", "pool"), "embed": ("embed", "sscd", "seed"), "dedup": ("dedup", "seed"),
                 "retrieve": ("retrieve", "dedup.index", "dedup.nprobe"), "cluster": ("cluster", "seed"),
-                "sample": ("sample", "seed")}
+                "sample": ("sample", "seed"), "export": ("export",)}
 
 
 class StaleStageError(ValueError):
@@ -42,13 +42,16 @@ def config_digest(cfg: DictConfig, stage: str) -> str:
 
 def output_files(cfg: DictConfig, stage: str) -> list[Path]:
     """The files whose bytes are the stage's result (what later stages consume)."""
-    from .pipeline import out, pool_manifest
+    from .paths import out, pool_manifest
 
     if stage == "tile":
         return [pool_manifest(cfg)]
     if stage == "embed":
         folder = out(cfg, "embeddings", "pool")
-        return [folder / "index.json", *sorted(folder.glob("shard_*.npy"))]
+        if not (folder / "index.json").is_file():
+            return [folder / "index.json"]
+        shards = read_json(folder / "index.json").get("shards", [])
+        return [folder / "index.json", *[folder / s["file"] for s in shards]]
     if stage == "cluster":
         return [out(cfg, "cluster", "hierarchy.npz")]
     return [out(cfg, stage, "selected.json")]

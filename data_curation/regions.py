@@ -36,8 +36,6 @@ def region_candidates(load: Callable[[int], np.ndarray], rows: Sequence[int],
     first ``k`` squares of other images nearest to a corner square of the other, with cosine above
     ``threshold`` (the best such cosine per pair). ``rows``: the images to consider (row numbers
     passed to ``load``); ``embed``: images -> L2-normalised descriptors."""
-    from .knn import knn
-
     rows = np.asarray(rows, dtype=np.int64)
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     if len(rows) < 2:
@@ -46,8 +44,20 @@ def region_candidates(load: Callable[[int], np.ndarray], rows: Sequence[int],
     for start in range(0, len(rows), batch):
         squares = [sq for r in rows[start : start + batch] for sq in corner_squares(load(int(r)), side)]
         parts.append(np.asarray(embed(squares), dtype=np.float32))
-    x = np.ascontiguousarray(np.concatenate(parts))
-    owner = np.repeat(rows, CORNERS)
+    return region_pairs(np.concatenate(parts), np.repeat(rows, CORNERS), k=k, threshold=threshold, side=side)
+
+
+def region_pairs(x: np.ndarray | None, owner: np.ndarray, *, k: int, threshold: float,
+                 side: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate pairs from corner-square descriptors ``x`` (one row per square, L2-normalised)
+    whose images are ``owner``: see region_candidates."""
+    from .knn import knn
+
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    if x is None or len(np.unique(owner)) < 2:
+        return empty
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    owner = np.asarray(owner, dtype=np.int64)
     # A square's nearest squares include its own image's other three (and itself): ask for those too.
     wanted = min(len(x), k + CORNERS)
     scores, ids = knn(x, x, wanted)

@@ -72,7 +72,7 @@ def write_report(cfg: DictConfig, export_dir: Path, history: dict, *, num_pool: 
 def _galleries(cfg: DictConfig, export_dir: Path, history: dict, verification: dict | None) -> None:
     from .gallery import components_gallery, retrieval_gallery, threshold_gallery
     from .io import read_manifest
-    from .pipeline import _embeddings, embedding_sets, pool_manifest
+    from .paths import embedding_sets, embeddings_in_ram as _embeddings, pool_manifest
     from .verified_dedup import row_loader
 
     manifest = pool_manifest(cfg)
@@ -104,9 +104,8 @@ def _galleries(cfg: DictConfig, export_dir: Path, history: dict, verification: d
 def _all_edges(dedup_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from .dedup import knn_edges
 
-    files = sorted((dedup_dir / "knn").glob("shard_*.npz"))
-    scores = np.concatenate([np.load(f)["scores"] for f in files])
-    ids = np.concatenate([np.load(f)["ids"] for f in files])
+    merged = np.load(dedup_dir / "knn.npz")  # the kNN merged over its shards (stages_dedup.py)
+    scores, ids = merged["scores"], merged["ids"]
     return knn_edges(scores, ids, min(THRESHOLD_GRID) - 1e-6)
 
 

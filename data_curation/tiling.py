@@ -144,8 +144,10 @@ def bands_per_scene(bands: Sequence | None, n_scenes: int) -> list[list[int] | N
 
 
 def run_tile(*, scenes: Sequence[str], folders: Sequence[str], size: int, stride: int, bands: Sequence | None,
-             max_invalid_fraction: float, nodata: float | None, pool_dir: str | Path) -> Path:
-    """Tile every scene (resumable per scene), add folder images, write ``pool/manifest.jsonl``."""
+             max_invalid_fraction: float, nodata: float | None, pool_dir: str | Path,
+             only: Sequence[int] | None = None) -> Path | None:
+    """Tile every scene (resumable per scene), add folder images, write ``pool/manifest.jsonl``.
+    ``only``: tile just these scene indexes (one shard of the tile stage) and write no manifest."""
     pool_dir = Path(pool_dir)
     shard_dir = pool_dir / "tiles"
     ids = [scene_id_of(Path(s)) for s in scenes]
@@ -153,7 +155,9 @@ def run_tile(*, scenes: Sequence[str], folders: Sequence[str], size: int, stride
     if duplicates:
         raise ValueError(f"tile.scenes: several scenes share the scene id(s) {sorted(duplicates)} (file stem); rename them")
     rows, stats = [], []
-    for scene, scene_id, scene_bands in zip(scenes, ids, bands_per_scene(bands, len(scenes))):
+    for number, (scene, scene_id, scene_bands) in enumerate(zip(scenes, ids, bands_per_scene(bands, len(scenes)))):
+        if only is not None and number not in only:
+            continue
         shard = shard_dir / f"{scene_id}.jsonl"
         if shard.is_file():
             log.info("tile: %s already done, skipped", scene_id)
@@ -174,6 +178,8 @@ def run_tile(*, scenes: Sequence[str], folders: Sequence[str], size: int, stride
             write_manifest(shard, scene_rows)
             stats.append(scene_stats)
         rows.extend(scene_rows)
+    if only is not None:
+        return None
     for folder in folders:
         rows.extend(image_rows(folder, pool_dir, skipped=stats))
     skipped = [s for s in stats if s.get("skipped")]

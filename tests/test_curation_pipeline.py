@@ -168,16 +168,21 @@ def test_dedup_resumes_from_finished_knn_shards(tmp_path):
     common = [f"output_dir={out}", f"pool.manifest={manifest}", "dedup.shard_size=16", "dedup.threshold=0.8", *FAST, *NO_VERIFY]
     assert main(["embed", *common]) == 0
     assert main(["dedup", *common]) == 0
-    knn_dir = out / "dedup" / "knn"
+    (work,) = (out / "dedup" / "work").iterdir()
+    knn_dir = work / "knn"
     first = read_json(out / "dedup" / "selected.json")
-    full = _mtimes(knn_dir, "shard_*.npz")
+    full = _mtimes(knn_dir, "item_*.npz")
     assert len(full) >= 3
-    # A killed run leaves only complete shards (atomic writes): drop the last two and the result.
+    # A killed run leaves only complete items (atomic writes): drop the last two, the shard's
+    # completion marker and the later phases' markers.
     for name in list(full)[-2:]:
         (knn_dir / name).unlink()
+    for marker in (work / "done").glob("*"):
+        if not marker.name.startswith("knn_train"):
+            marker.unlink()
     (out / "dedup" / "selected.json").unlink()
     assert main(["dedup", *common]) == 0
-    again = _mtimes(knn_dir, "shard_*.npz")
+    again = _mtimes(knn_dir, "item_*.npz")
     assert all(again[name] == full[name] for name in list(full)[:-2])
     assert read_json(out / "dedup" / "selected.json") == first
 

