@@ -204,9 +204,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_eval)
 
 
+def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
+    """No output of an eval task may be one of its inputs (io.paths): checked before any work."""
+    from ..io.paths import refuse_overwriting_inputs
+
+    inputs = {f"--{name.replace('_', '-')}": getattr(args, name, None) for name in ("backbone", "train", "val", "data")}
+    inputs["--compare"] = [item.partition("=")[2] for item in getattr(args, "compare", [])]
+    out_dir = getattr(args, "out_dir", None)
+    run_files = None
+    if out_dir is not None:
+        from .segmentation.train import HEAD_FILE, METRICS_FILE, RUN_FILE
+
+        names = (RUN_FILE, HEAD_FILE, METRICS_FILE, "label_efficiency.json", "label_efficiency.png", "landsat_6band.tif")
+        run_files = [Path(out_dir) / name for name in names]
+    refuse_overwriting_inputs(outputs={"--out": getattr(args, "out", None), "--out-dir": run_files}, inputs=inputs)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from ..io.files import atomic_write_text
 
+    _refuse_overwriting_inputs(args)
     runners = {"knn": run_knn, "landcover": run_landcover, "linear": run_linear, "seg": run_seg}
     result = runners[args.task](args)
     text = json.dumps(result, indent=2)

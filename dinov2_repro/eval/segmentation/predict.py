@@ -18,6 +18,7 @@ import torch
 
 from ...config import ConfigError
 from ...io.files import atomic_output
+from ...io.paths import files_in, refuse_overwriting_inputs
 from ...io.raster import RasterScaling, read_window
 from .data import check_bands, raster_valid
 from .train import load_run, normalise
@@ -56,8 +57,10 @@ def predict_scene(run_dir: str | os.PathLike, scene: str | os.PathLike, out: str
     """Write the class map of ``scene`` to ``out`` (GeoTIFF, class codes) plus ``out`` with .png (colour preview)."""
     import rasterio
 
-    features, head, record = load_run(Path(run_dir))
     scene, out = Path(scene), Path(out)
+    refuse_overwriting_inputs(outputs={"--out": out, "--out (its .png preview)": out.with_suffix(".png")},
+                              inputs={"--scene": scene, "--checkpoint": files_in(run_dir)})
+    features, head, record = load_run(Path(run_dir))
     if not scene.is_file():
         raise ConfigError(f"--scene {scene} does not exist")
     if not 0 <= overlap < 1:
