@@ -121,7 +121,7 @@ def run_seg(args: argparse.Namespace) -> dict:
     main_spec = ModelSpec(name=args.name, kind=kind, backbone=str(args.backbone) if args.backbone else None, decoder=args.decoder)
     if not args.n_labelled:
         return run_segmentation(main_spec, data, out_dir=out_dir, lrs=_floats(args.lrs, "--lrs"), iterations=args.iterations,
-                                batch_size=args.batch_size, seed=args.seed)
+                                batch_size=args.batch_size, seed=args.seed, loss=args.loss, class_weights=args.class_weights)
     from .segmentation.label_efficiency import parse_n_labelled, run_label_efficiency
 
     specs = [main_spec]
@@ -141,7 +141,8 @@ def run_seg(args: argparse.Namespace) -> dict:
             raise ConfigError(f"--baselines: unknown baseline {baseline!r}; choose from random_init, spectral, supervised")
     return run_label_efficiency(specs, data, n_values=parse_n_labelled(args.n_labelled),
                                 seeds=_ints(args.seeds, "--seeds") or [0], lr=_floats(args.lrs, "--lrs")[0],
-                                iterations=args.iterations, batch_size=args.batch_size, out_dir=out_dir)
+                                iterations=args.iterations, batch_size=args.batch_size, out_dir=out_dir,
+                                loss=args.loss, class_weights=args.class_weights)
 
 
 def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
@@ -158,6 +159,9 @@ def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-index", type=int, default=255, help="mask value excluded from loss and metrics")
     p.add_argument("--lrs", default="0.001", help="learning-rate sweep, best on val (label efficiency: the first)")
     p.add_argument("--iterations", type=int, default=200)
+    p.add_argument("--loss", choices=["ce", "dice", "focal", "ce+dice", "lovasz"], default=None,
+                   help="head training loss (default: ce; ce+dice for binary tasks with foreground < 20%%)")
+    p.add_argument("--class-weights", default=None, help="'auto' (inverse frequency, capped at 10) or W1,W2,... per class")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0, help="seed of the block-to-split assignment")

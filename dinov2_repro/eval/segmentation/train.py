@@ -20,6 +20,7 @@ from ...config import ConfigError
 from ...io.files import atomic_output, atomic_write_text
 from .data import SPLITS, check_splits, discover_pairs, load_scene, mask_codes_present, spatial_tiles, tile_arrays
 from .decoders import FrozenViTFeatures, build_head, build_segmenter
+from .losses import LossFn, build_loss, choose_loss, parse_class_weights
 from .metrics import confusion_matrix, segmentation_metrics
 
 RUN_FILE, HEAD_FILE, METRICS_FILE = "seg_run.json", "head.safetensors", "metrics.json"
@@ -143,9 +144,35 @@ def cached_features(features: nn.Module, images: Tensor, *, batch_size: int = 32
     return [torch.cat([chunk[level] for chunk in chunks]) for level in range(len(chunks[0]))]
 
 
+@dataclass(frozen=True)
+class LossChoice:
+    """The training loss of a run: ``name`` (``--loss`` or the automatic rule), why, class weights."""
+
+    name: str
+    reason: str
+    class_weights: list[float] | None
+
+    def build(self, *, num_classes: int, ignore_index: int) -> LossFn:
+        return build_loss(self.name, num_classes=num_classes, ignore_index=ignore_index, class_weights=self.class_weights)
+
+    def record(self) -> dict[str, Any]:
+        return {"loss": self.name, "loss_reason": self.reason, "class_weights": self.class_weights}
+
+
+def resolve_loss(data: SegData, *, loss: str | None = None, class_weights: str | None = None,
+                 labels: Tensor | None = None) -> LossChoice:
+    """The loss for training on ``labels`` (default: all training tiles): checked before any training."""
+    labels = data.labels["train"] if labels is None else labels
+    common = dict(labels=labels, num_classes=data.num_classes, ignore_index=data.ignore_index)
+    name, reason = choose_loss(loss, **common)
+    return LossChoice(name, reason, parse_class_weights(class_weights, **common))
+
+
 def train_head(head: nn.Module, feats: Sequence[Tensor], labels: Tensor, *, ignore_index: int, iterations: int = 200,
-               lr: float = 1e-3, batch_size: int = 8, seed: int = 0, progress: bool = False) -> nn.Module:
-    """AdamW (wd 1e-4) with a cosine schedule on random batches of the cached features."""
+               lr: float = 1e-3, batch_size: int = 8, seed: int = 0, progress: bool = False,
+               loss_fn: LossFn | None = None, curve: list[float] | None = None) -> nn.Module:
+    """AdamW (wd 1e-4) with a cosine schedule on random batches of the cached features.
+    ``loss_fn`` defaults to cross-entropy; ``curve`` (a list) receives the loss of every step."""
     if not (labels != ignore_index).any():
         raise ConfigError("the training tiles hold no labelled pixels")
     generator = torch.Generator().manual_seed(seed)
@@ -161,7 +188,12 @@ def train_head(head: nn.Module, feats: Sequence[Tensor], labels: Tensor, *, igno
     for _ in steps:
         index = torch.randint(len(labels), (batch_size,), generator=generator)  # with replacement: n may be < batch
         logits = head([f[index] for f in feats], size)
-        loss = F.cross_entropy(logits, labels[index], ignore_index=ignore_index)
+        if loss_fn is None:
+            loss = F.cross_entropy(logits, labels[index], ignore_index=ignore_index)
+        else:
+            loss = loss_fn(logits, labels[index])
+        if curve is not None:
+            curve.append(float(loss.detach()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -184,34 +216,51 @@ def evaluate_head(head: nn.Module, feats: Sequence[Tensor], labels: Tensor, *, n
 
 # ---------------------------------------------------------------------------------- one run
 def run_segmentation(spec: ModelSpec, data: SegData, *, out_dir: Path | None, lrs: Sequence[float] = (1e-3,),
-                     iterations: int = 200, batch_size: int = 8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                     iterations: int = 200, batch_size: int = 8, seed: int = 0, progress: bool = True,
+                     loss: str | None = None, class_weights: str | None = None) -> dict[str, Any]:
     """Train one head per learning rate, keep the best on val mIoU, report test metrics; saves the run."""
+    choice = resolve_loss(data, loss=loss, class_weights=class_weights)
+    loss_fn = choice.build(num_classes=data.num_classes, ignore_index=data.ignore_index)
     features, _, meta = build_model(spec, data_channels=data.in_channels, num_classes=data.num_classes, seed=seed)
     check_tile(features, data, spec)
     mean, std = input_normalisation(meta, data.images["train"])
     feats = {s: cached_features(features, normalise(data.images[s], mean, std)) for s in SPLITS}
     common = dict(num_classes=data.num_classes, ignore_index=data.ignore_index, class_names=data.class_names)
     best: tuple[float, float, nn.Module, dict] | None = None
-    sweep = {}
+    sweep, curves = {}, {}
     for lr in lrs:
         head = fresh_head(spec, features, in_channels=data.in_channels, num_classes=data.num_classes, seed=seed)
+        curve: list[float] = []
         train_head(head, feats["train"], data.labels["train"], ignore_index=data.ignore_index, iterations=iterations,
-                   lr=lr, batch_size=batch_size, seed=seed, progress=progress)
+                   lr=lr, batch_size=batch_size, seed=seed, progress=progress, loss_fn=loss_fn, curve=curve)
         val = evaluate_head(head, feats["val"], data.labels["val"], **common)
         sweep[str(lr)] = val["miou"]
+        curves[str(lr)] = curve
         if best is None or val["miou"] > best[0]:
             best = (val["miou"], lr, head, val)
     assert best is not None
     _, lr, head, val = best
+    curve = curves[str(lr)]
     test = evaluate_head(head, feats["test"], data.labels["test"], **common)
     result = {"task": "seg", "model": asdict(spec), "data": data.data, "tile_px": data.tile, "classes": data.class_names,
               "n_tiles": {s: len(data.labels[s]) for s in SPLITS}, "lr_sweep_val_miou": sweep, "lr": lr,
-              "iterations": iterations, "seed": seed, "val": val, "test": test,
+              "iterations": iterations, "seed": seed, **choice.record(), "train_loss_curve": _curve_summary(curve),
+              "val": val, "test": test,
               "trainable_parameters": sum(p.numel() for p in head.parameters())}
     if out_dir is not None:
         save_run(out_dir, spec=spec, data=data, head=head, mean=mean, std=std, metrics=result)
         result["run_dir"] = str(out_dir)
     return result
+
+
+def _curve_summary(curve: Sequence[float], points: int = 10) -> dict[str, list]:
+    """The training loss at ``points`` evenly spaced steps, each the mean of the steps since the last
+    point (a smoothed curve, small enough for the metrics JSON)."""
+    if not curve:
+        return {"step": [], "loss": []}
+    edges = np.linspace(0, len(curve), min(points, len(curve)) + 1).round().astype(int)
+    return {"step": [int(e) for e in edges[1:]],
+            "loss": [round(float(np.mean(curve[a:b])), 5) for a, b in zip(edges[:-1], edges[1:])]}
 
 
 def save_run(out_dir: Path, *, spec: ModelSpec, data: SegData, head: nn.Module, mean: Sequence[float],
