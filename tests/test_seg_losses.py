@@ -83,3 +83,5 @@ def test_rare_foreground_does_not_collapse_to_background(tmp_path, one_torch_thr
     # ... the automatic ce+dice finds them: half the building pixels, and a real IoU.
     assert auto["test"]["recall"] > 0.4 and auto["test"]["per_class_iou"]["1"] > 0.25
     assert auto["train_loss_curve"]["loss"][-1] < auto["train_loss_curve"]["loss"][0]
+    objects = auto["test"]["objects"]  # binary tasks report object metrics too
+    assert objects["n_truth"] > 10 and objects["tp"] > 0 and objects["object_f1"] > plain["test"]["objects"]["object_f1"]

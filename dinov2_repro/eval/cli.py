@@ -108,7 +108,7 @@ def _ints(text: str | None, option: str) -> list[int] | None:
 
 
 def run_seg(args: argparse.Namespace) -> dict:
-    from .segmentation.train import ModelSpec, prepare_data, run_segmentation
+    from .segmentation.train import ModelSpec, ObjectOptions, prepare_data, run_segmentation
 
     out_dir = Path(args.out_dir) if args.out_dir else None
     # The shipped example writes its 6-band stack into the run directory (a temporary one without --out-dir).
@@ -121,7 +121,8 @@ def run_seg(args: argparse.Namespace) -> dict:
     main_spec = ModelSpec(name=args.name, kind=kind, backbone=str(args.backbone) if args.backbone else None, decoder=args.decoder)
     if not args.n_labelled:
         return run_segmentation(main_spec, data, out_dir=out_dir, lrs=_floats(args.lrs, "--lrs"), iterations=args.iterations,
-                                batch_size=args.batch_size, seed=args.seed, loss=args.loss, class_weights=args.class_weights)
+                                batch_size=args.batch_size, seed=args.seed, loss=args.loss, class_weights=args.class_weights,
+                                objects=ObjectOptions(args.iou, args.min_area_px, tuple(_floats(args.size_bins, "--size-bins"))))
     from .segmentation.label_efficiency import parse_n_labelled, run_label_efficiency
 
     specs = [main_spec]
@@ -145,6 +146,20 @@ def run_seg(args: argparse.Namespace) -> dict:
                                 loss=args.loss, class_weights=args.class_weights)
 
 
+def _add_object_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--iou", type=float, default=0.5, help="object matching threshold (objects: IoU >= this)")
+    p.add_argument("--min-area-px", type=float, default=0.0, help="objects smaller than this (pixels) are dropped on both sides")
+    p.add_argument("--size-bins", default="100,400,1600", help="true-object area bin edges in pixels, for recall by size")
+
+
+def run_objects(args: argparse.Namespace) -> dict:
+    from .segmentation.objects import evaluate_object_files
+
+    return evaluate_object_files(args.pred, args.truth, class_value=args.class_value, iou_threshold=args.iou,
+                                 min_area_px=args.min_area_px, size_bins_px=_floats(args.size_bins, "--size-bins"),
+                                 truth_instances=args.truth_instances)
+
+
 def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="'landsat' (shipped scene + strata map), a folder with images/ and "
                    "masks/ (or train|val|test/{images,masks}), or a JSONL/Parquet manifest with path and mask columns")
@@ -162,6 +177,7 @@ def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", choices=["ce", "dice", "focal", "ce+dice", "lovasz"], default=None,
                    help="head training loss (default: ce; ce+dice for binary tasks with foreground < 20%%)")
     p.add_argument("--class-weights", default=None, help="'auto' (inverse frequency, capped at 10) or W1,W2,... per class")
+    _add_object_arguments(p)  # binary tasks: object metrics of the test tiles
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0, help="seed of the block-to-split assignment")
@@ -173,7 +189,7 @@ def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="frozen-backbone evaluations: knn, landcover, linear, seg",
+    parser = subparsers.add_parser("eval", help="frozen-backbone evaluations: knn, landcover, linear, seg, objects",
                                    description="Frozen-backbone evaluations of an exported backbone.")
     parser.set_defaults(help_parser=parser)  # `dinov2-repro eval` alone prints this parser's help
     tasks = parser.add_subparsers(dest="task", metavar="TASK", title="tasks")
@@ -206,13 +222,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_seg_arguments(p)
     p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here too")
     p.set_defaults(run=run_eval)
+    p = tasks.add_parser("objects", help="object-level precision / recall / F1 of a binary map (SpaceNet-style matching)",
+                         description="Polygonise a predicted class map and match it one-to-one to true objects "
+                                     "(IoU >= --iou, highest IoU first).")
+    p.add_argument("--pred", required=True, type=Path, help="class-code GeoTIFF, e.g. from `predict seg`")
+    p.add_argument("--truth", required=True, type=Path,
+                   help="mask GeoTIFF on the map's grid, or polygons (.geojson / .gpkg) in the map's CRS")
+    _add_object_arguments(p)
+    p.add_argument("--class-value", type=int, default=1, help="the map's (and mask's) code of the object class")
+    p.add_argument("--truth-instances", action="store_true",
+                   help="the truth raster holds one id per object (keeps touching buildings apart)")
+    p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here too")
+    p.set_defaults(run=run_eval)
 
 
 def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
     """No output of an eval task may be one of its inputs (io.paths): checked before any work."""
     from ..io.paths import refuse_overwriting_inputs
 
-    inputs = {f"--{name.replace('_', '-')}": getattr(args, name, None) for name in ("backbone", "train", "val", "data")}
+    inputs = {f"--{name.replace('_', '-')}": getattr(args, name, None)
+              for name in ("backbone", "train", "val", "data", "pred", "truth")}
     inputs["--compare"] = [item.partition("=")[2] for item in getattr(args, "compare", [])]
     out_dir = getattr(args, "out_dir", None)
     run_files = None
@@ -228,7 +257,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..io.files import atomic_write_text
 
     _refuse_overwriting_inputs(args)
-    runners = {"knn": run_knn, "landcover": run_landcover, "linear": run_linear, "seg": run_seg}
+    runners = {"knn": run_knn, "landcover": run_landcover, "linear": run_linear, "seg": run_seg, "objects": run_objects}
     result = runners[args.task](args)
     text = json.dumps(result, indent=2)
     print(text)

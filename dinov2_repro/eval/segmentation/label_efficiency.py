@@ -86,6 +86,8 @@ def run_label_efficiency(specs: Sequence[ModelSpec], data: SegData, *, n_values:
             for key in ("f1", "recall", "precision"):
                 if key in test:
                     entry.setdefault(key, {})[str(seed)] = test[key]
+            if "objects" in test:
+                entry.setdefault("object_f1", {})[str(seed)] = test["objects"]["object_f1"]
         for entry in runs.values():
             values = np.array(list(entry["miou"].values()))
             entry.update(miou_mean=float(values.mean()), miou_std=float(values.std()),

@@ -201,23 +201,47 @@ def train_head(head: nn.Module, feats: Sequence[Tensor], labels: Tensor, *, igno
     return head.eval()
 
 
+@dataclass(frozen=True)
+class ObjectOptions:
+    """Object matching of binary tasks (objects.py): IoU threshold, minimum area and size bins in pixels."""
+
+    iou_threshold: float = 0.5
+    min_area_px: float = 0.0
+    size_bins_px: tuple[float, ...] = (100.0, 400.0, 1600.0)
+
+
 @torch.no_grad()
 def evaluate_head(head: nn.Module, feats: Sequence[Tensor], labels: Tensor, *, num_classes: int, ignore_index: int,
-                  class_names: Sequence[str], batch_size: int = 32) -> dict[str, Any]:
-    """Metrics from one confusion matrix accumulated over all tiles of the split."""
+                  class_names: Sequence[str], batch_size: int = 32,
+                  objects: ObjectOptions | None = ObjectOptions()) -> dict[str, Any]:
+    """Metrics from one confusion matrix accumulated over all tiles of the split; binary tasks add
+    object metrics (``objects``; polygons matched per tile, so an object cut by a tile border
+    counts once per tile it touches; ignored pixels are background on both sides)."""
+    from .objects import ObjectCounts, mask_object_counts
+
     head.eval()
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
     size = tuple(labels.shape[-2:])
+    counts = ObjectCounts(size_bins_px=objects.size_bins_px) if objects is not None and num_classes == 2 else None
     for i in range(0, len(labels), batch_size):
         prediction = head([f[i:i + batch_size] for f in feats], size).argmax(1)
-        matrix += confusion_matrix(prediction, labels[i:i + batch_size], num_classes=num_classes, ignore_index=ignore_index)
-    return {**segmentation_metrics(matrix, class_names=class_names), "confusion_matrix": matrix.tolist()}
+        target = labels[i:i + batch_size]
+        matrix += confusion_matrix(prediction, target, num_classes=num_classes, ignore_index=ignore_index)
+        if counts is not None:
+            for p, t in zip(prediction.numpy(), target.numpy()):
+                counts.add(mask_object_counts(p == 1, t == 1, valid=t != ignore_index, iou_threshold=objects.iou_threshold,
+                                              min_area_px=objects.min_area_px, size_bins_px=objects.size_bins_px))
+    result = {**segmentation_metrics(matrix, class_names=class_names), "confusion_matrix": matrix.tolist()}
+    if counts is not None:
+        result["objects"] = counts.metrics(iou_threshold=objects.iou_threshold, min_area_px=objects.min_area_px)
+    return result
 
 
 # ---------------------------------------------------------------------------------- one run
 def run_segmentation(spec: ModelSpec, data: SegData, *, out_dir: Path | None, lrs: Sequence[float] = (1e-3,),
                      iterations: int = 200, batch_size: int = 8, seed: int = 0, progress: bool = True,
-                     loss: str | None = None, class_weights: str | None = None) -> dict[str, Any]:
+                     loss: str | None = None, class_weights: str | None = None,
+                     objects: ObjectOptions = ObjectOptions()) -> dict[str, Any]:
     """Train one head per learning rate, keep the best on val mIoU, report test metrics; saves the run."""
     choice = resolve_loss(data, loss=loss, class_weights=class_weights)
     loss_fn = choice.build(num_classes=data.num_classes, ignore_index=data.ignore_index)
@@ -233,7 +257,7 @@ def run_segmentation(spec: ModelSpec, data: SegData, *, out_dir: Path | None, lr
         curve: list[float] = []
         train_head(head, feats["train"], data.labels["train"], ignore_index=data.ignore_index, iterations=iterations,
                    lr=lr, batch_size=batch_size, seed=seed, progress=progress, loss_fn=loss_fn, curve=curve)
-        val = evaluate_head(head, feats["val"], data.labels["val"], **common)
+        val = evaluate_head(head, feats["val"], data.labels["val"], **common, objects=objects)
         sweep[str(lr)] = val["miou"]
         curves[str(lr)] = curve
         if best is None or val["miou"] > best[0]:
@@ -241,7 +265,7 @@ def run_segmentation(spec: ModelSpec, data: SegData, *, out_dir: Path | None, lr
     assert best is not None
     _, lr, head, val = best
     curve = curves[str(lr)]
-    test = evaluate_head(head, feats["test"], data.labels["test"], **common)
+    test = evaluate_head(head, feats["test"], data.labels["test"], **common, objects=objects)
     result = {"task": "seg", "model": asdict(spec), "data": data.data, "tile_px": data.tile, "classes": data.class_names,
               "n_tiles": {s: len(data.labels[s]) for s in SPLITS}, "lr_sweep_val_miou": sweep, "lr": lr,
               "iterations": iterations, "seed": seed, **choice.record(), "train_loss_curve": _curve_summary(curve),
