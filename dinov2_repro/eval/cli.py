@@ -122,7 +122,8 @@ def run_seg(args: argparse.Namespace) -> dict:
     if not args.n_labelled:
         return run_segmentation(main_spec, data, out_dir=out_dir, lrs=_floats(args.lrs, "--lrs"), iterations=args.iterations,
                                 batch_size=args.batch_size, seed=args.seed, loss=args.loss, class_weights=args.class_weights,
-                                objects=ObjectOptions(args.iou, args.min_area_px, tuple(_floats(args.size_bins, "--size-bins"))))
+                                objects=ObjectOptions(args.iou, args.min_area_px, tuple(_floats(args.size_bins, "--size-bins"))),
+                                tta=args.tta)
     from .segmentation.label_efficiency import parse_n_labelled, run_label_efficiency
 
     specs = [main_spec]
@@ -178,6 +179,8 @@ def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
                    help="head training loss (default: ce; ce+dice for binary tasks with foreground < 20%%)")
     p.add_argument("--class-weights", default=None, help="'auto' (inverse frequency, capped at 10) or W1,W2,... per class")
     _add_object_arguments(p)  # binary tasks: object metrics of the test tiles
+    p.add_argument("--tta", choices=["none", "flip", "d4"], default="none",
+                   help="test-time augmentation of the test tiles (4 mirror views or 8 dihedral views; the plain score is kept too)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0, help="seed of the block-to-split assignment")

@@ -22,6 +22,7 @@ from ...io.paths import files_in, refuse_overwriting_inputs
 from ...io.raster import RasterScaling, read_window
 from .data import check_bands, raster_valid
 from .train import load_run, normalise
+from .tta import tta_probabilities, tta_views
 
 
 def tent_weights(size: int) -> np.ndarray:
@@ -53,7 +54,7 @@ def _output_nodata(input_nodata: float | None, class_values: list[int]) -> int:
 
 @torch.no_grad()
 def predict_scene(run_dir: str | os.PathLike, scene: str | os.PathLike, out: str | os.PathLike, *, overlap: float = 0.25,
-                  batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
+                  batch_size: int = 16, progress: bool = True, tta: str = "none") -> dict[str, Any]:
     """Write the class map of ``scene`` to ``out`` (GeoTIFF, class codes) plus ``out`` with .png (colour preview)."""
     import rasterio
 
@@ -63,6 +64,7 @@ def predict_scene(run_dir: str | os.PathLike, scene: str | os.PathLike, out: str
     features, head, record = load_run(Path(run_dir))
     if not scene.is_file():
         raise ConfigError(f"--scene {scene} does not exist")
+    tta_views(tta)  # an unknown mode fails before any work
     if not 0 <= overlap < 1:
         raise ConfigError(f"--overlap {overlap}: must be in [0, 1)")
     tile = int(record["tile"])
@@ -98,7 +100,8 @@ def predict_scene(run_dir: str | os.PathLike, scene: str | os.PathLike, out: str
                         chunk = cols[start:start + batch_size]
                         windows = [read_window(scene, bands, (c, row, tile, tile), ranges) for c in chunk]
                         images = normalise(torch.from_numpy(np.stack(windows)), record["mean"], record["std"])
-                        probs = head(features(images), (tile, tile)).softmax(1).numpy() * weight
+                        probs = tta_probabilities(lambda x: head(features(x), (tile, tile)).softmax(1), images,
+                                                  mode=tta).numpy() * weight
                         for c, p in zip(chunk, probs):
                             acc[:, :, c:c + tile] += p[:, :, : acc_width - c]
                     done = (rows[i + 1] if i + 1 < len(rows) else height) - row
@@ -107,7 +110,7 @@ def predict_scene(run_dir: str | os.PathLike, scene: str | os.PathLike, out: str
                     acc[:, -done:] = 0
                 dst.update_tags(source_scene=str(scene), seg_run=str(run_dir), input_nodata=str(src.nodata))
     preview = write_preview(out, class_values)
-    return {"map": str(out), "preview": str(preview), "tile_px": tile, "stride_px": stride, "windows": len(rows) * len(cols),
+    return {"map": str(out), "preview": str(preview), "tile_px": tile, "stride_px": stride, "windows": len(rows) * len(cols), "tta": tta,
             "nodata": out_nodata, "size": [height, width]}
 
 

@@ -213,18 +213,27 @@ class ObjectOptions:
 @torch.no_grad()
 def evaluate_head(head: nn.Module, feats: Sequence[Tensor], labels: Tensor, *, num_classes: int, ignore_index: int,
                   class_names: Sequence[str], batch_size: int = 32,
-                  objects: ObjectOptions | None = ObjectOptions()) -> dict[str, Any]:
+                  objects: ObjectOptions | None = ObjectOptions(), tta: str = "none",
+                  features: nn.Module | None = None, images: Tensor | None = None) -> dict[str, Any]:
     """Metrics from one confusion matrix accumulated over all tiles of the split; binary tasks add
     object metrics (``objects``; polygons matched per tile, so an object cut by a tile border
-    counts once per tile it touches; ignored pixels are background on both sides)."""
+    counts once per tile it touches; ignored pixels are background on both sides). With ``tta``
+    other than none the views' features are computed from ``images`` (normalised) by ``features``."""
     from .objects import ObjectCounts, mask_object_counts
+    from .tta import tta_probabilities
 
+    if tta != "none" and (features is None or images is None):
+        raise ValueError("test-time augmentation needs the feature extractor and the images")
     head.eval()
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
     size = tuple(labels.shape[-2:])
     counts = ObjectCounts(size_bins_px=objects.size_bins_px) if objects is not None and num_classes == 2 else None
     for i in range(0, len(labels), batch_size):
-        prediction = head([f[i:i + batch_size] for f in feats], size).argmax(1)
+        if tta == "none":
+            prediction = head([f[i:i + batch_size] for f in feats], size).argmax(1)
+        else:
+            prediction = tta_probabilities(lambda x: head(features(x), size).softmax(1), images[i:i + batch_size],
+                                           mode=tta).argmax(1)
         target = labels[i:i + batch_size]
         matrix += confusion_matrix(prediction, target, num_classes=num_classes, ignore_index=ignore_index)
         if counts is not None:
@@ -241,8 +250,9 @@ def evaluate_head(head: nn.Module, feats: Sequence[Tensor], labels: Tensor, *, n
 def run_segmentation(spec: ModelSpec, data: SegData, *, out_dir: Path | None, lrs: Sequence[float] = (1e-3,),
                      iterations: int = 200, batch_size: int = 8, seed: int = 0, progress: bool = True,
                      loss: str | None = None, class_weights: str | None = None,
-                     objects: ObjectOptions = ObjectOptions()) -> dict[str, Any]:
-    """Train one head per learning rate, keep the best on val mIoU, report test metrics; saves the run."""
+                     objects: ObjectOptions = ObjectOptions(), tta: str = "none") -> dict[str, Any]:
+    """Train one head per learning rate, keep the best on val mIoU, report test metrics (with
+    ``tta``: of the averaged views, and the plain test mIoU beside them); saves the run."""
     choice = resolve_loss(data, loss=loss, class_weights=class_weights)
     loss_fn = choice.build(num_classes=data.num_classes, ignore_index=data.ignore_index)
     features, _, meta = build_model(spec, data_channels=data.in_channels, num_classes=data.num_classes, seed=seed)
@@ -266,9 +276,17 @@ def run_segmentation(spec: ModelSpec, data: SegData, *, out_dir: Path | None, lr
     _, lr, head, val = best
     curve = curves[str(lr)]
     test = evaluate_head(head, feats["test"], data.labels["test"], **common, objects=objects)
+    tta_record: dict[str, Any] = {"tta": tta}
+    if tta != "none":
+        plain = test
+        test = evaluate_head(head, feats["test"], data.labels["test"], **common, objects=objects, tta=tta,
+                             features=features, images=normalise(data.images["test"], mean, std))
+        tta_record["test_without_tta"] = {k: plain[k] for k in ("miou", "pixel_accuracy", "f1") if k in plain}
+        if "objects" in plain:
+            tta_record["test_without_tta"]["object_f1"] = plain["objects"]["object_f1"]
     result = {"task": "seg", "model": asdict(spec), "data": data.data, "tile_px": data.tile, "classes": data.class_names,
               "n_tiles": {s: len(data.labels[s]) for s in SPLITS}, "lr_sweep_val_miou": sweep, "lr": lr,
-              "iterations": iterations, "seed": seed, **choice.record(), "train_loss_curve": _curve_summary(curve),
+              "iterations": iterations, "seed": seed, **choice.record(), "train_loss_curve": _curve_summary(curve), **tta_record,
               "val": val, "test": test,
               "trainable_parameters": sum(p.numel() for p in head.parameters())}
     if out_dir is not None:
