@@ -118,7 +118,11 @@ def run_seg(args: argparse.Namespace) -> dict:
                         class_names=args.class_names.split(",") if args.class_names else None,
                         ignore_index=args.ignore_index, split_seed=args.split_seed)
     kind = "vit" if args.backbone else "supervised"
-    main_spec = ModelSpec(name=args.name, kind=kind, backbone=str(args.backbone) if args.backbone else None, decoder=args.decoder)
+    if args.decoder == "knn" and not args.backbone:
+        raise ConfigError("--decoder knn needs --backbone (it votes with the backbone's patch features)")
+    knn = {"knn_k": args.knn_k, "guided_filter": args.guided_filter}
+    main_spec = ModelSpec(name=args.name, kind=kind, backbone=str(args.backbone) if args.backbone else None, decoder=args.decoder,
+                          **knn)
     if not args.n_labelled:
         return run_segmentation(main_spec, data, out_dir=out_dir, lrs=_floats(args.lrs, "--lrs"), iterations=args.iterations,
                                 batch_size=args.batch_size, seed=args.seed, loss=args.loss, class_weights=args.class_weights,
@@ -131,12 +135,13 @@ def run_seg(args: argparse.Namespace) -> dict:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--compare {item}: expected NAME=BACKBONE.safetensors")
-        specs.append(ModelSpec(name=name, kind="vit", backbone=path, decoder=args.decoder))
+        specs.append(ModelSpec(name=name, kind="vit", backbone=path, decoder=args.decoder, **knn))
     for baseline in [b for b in args.baselines.split(",") if b]:
         if baseline == "random_init":
             if not args.backbone:
                 raise ConfigError("--baselines random_init needs --backbone (it rebuilds that architecture)")
-            specs.append(ModelSpec(name="random_init", kind="random_init", backbone=str(args.backbone), decoder=args.decoder))
+            specs.append(ModelSpec(name="random_init", kind="random_init", backbone=str(args.backbone), decoder=args.decoder,
+                                   **knn))
         elif baseline in ("spectral", "supervised"):
             specs.append(ModelSpec(name=baseline, kind=baseline))
         else:
@@ -167,7 +172,11 @@ def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", type=Path, default=None,
                    help="a backbone .safetensors export (frozen); without it the supervised U-Net is trained")
     p.add_argument("--name", default="teacher", help="name of --backbone in outputs")
-    p.add_argument("--decoder", choices=["linear", "unet", "upernet"], default="unet")
+    p.add_argument("--decoder", choices=["linear", "unet", "upernet", "knn"], default="unet",
+                   help="knn: training-free patch-feature label propagation (few-shot)")
+    p.add_argument("--knn-k", type=int, default=20, help="decoder knn: neighbours per query patch")
+    p.add_argument("--guided-filter", type=int, default=0, metavar="RADIUS",
+                   help="decoder knn: refine the upsampled votes with a guided filter of this radius in px (0: off)")
     p.add_argument("--tile", type=int, default=56, help="tile size in px (a multiple of the patch size)")
     p.add_argument("--bands", default=None, help="1-based bands to read, e.g. 3,2,1 (default: all)")
     p.add_argument("--classes", default=None, help="mask values that are classes, in order (default: those found)")

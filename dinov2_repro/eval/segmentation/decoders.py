@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .necks import Feature2Pyramid, pyramid_block_indices
 
-DECODERS = ("linear", "unet", "upernet")
+DECODERS = ("linear", "unet", "upernet", "knn")
 
 
 class FrozenViTFeatures(nn.Module):
@@ -131,8 +131,12 @@ class SupervisedUnet(nn.Module):
         return self.net(padded)[..., :height, :width]
 
 
-def build_head(*, decoder: str, embed_dim: int, num_classes: int) -> nn.Module:
-    """A trainable head for a frozen ViT of width ``embed_dim``."""
+def build_head(*, decoder: str, embed_dim: int, num_classes: int, knn_k: int = 20, guided_filter: int = 0) -> nn.Module:
+    """A head for a frozen ViT of width ``embed_dim`` (``knn``: the training-free kNN decoder)."""
+    if decoder == "knn":
+        from .knn_decoder import KnnHead
+
+        return KnnHead(num_classes=num_classes, k=knn_k, guided_filter_radius=guided_filter)
     if decoder == "linear":
         return LinearHead(in_channels=embed_dim, num_classes=num_classes)
     if decoder == "unet":
@@ -143,18 +147,18 @@ def build_head(*, decoder: str, embed_dim: int, num_classes: int) -> nn.Module:
 
 
 def vit_blocks_for(decoder: str, depth: int) -> list[int]:
-    """Blocks a decoder reads: the last one for ``linear``, four spread ones for the pyramid decoders."""
-    return [depth - 1] if decoder == "linear" else pyramid_block_indices(depth)
+    """Blocks a decoder reads: the last one for ``linear`` and ``knn``, four spread ones for the pyramid decoders."""
+    return [depth - 1] if decoder in ("linear", "knn") else pyramid_block_indices(depth)
 
 
 def build_segmenter(*, kind: str, num_classes: int, in_channels: int, decoder: str = "unet",
-                    backbone: nn.Module | None = None) -> tuple[nn.Module, nn.Module]:
+                    backbone: nn.Module | None = None, **head_options) -> tuple[nn.Module, nn.Module]:
     """(frozen feature extractor, trainable head) for ``kind`` in vit | spectral | supervised."""
     if kind == "vit":
         if backbone is None:
             raise ValueError("kind 'vit' needs a backbone")
         features = FrozenViTFeatures(backbone, blocks=vit_blocks_for(decoder, int(backbone.depth)))
-        return features, build_head(decoder=decoder, embed_dim=int(backbone.embed_dim), num_classes=num_classes)
+        return features, build_head(decoder=decoder, embed_dim=int(backbone.embed_dim), num_classes=num_classes, **head_options)
     if kind == "spectral":
         return PixelFeatures(), SpectralHead(in_channels=in_channels, num_classes=num_classes)
     if kind == "supervised":

@@ -100,8 +100,10 @@ def predict_scene(run_dir: str | os.PathLike, scene: str | os.PathLike, out: str
                         chunk = cols[start:start + batch_size]
                         windows = [read_window(scene, bands, (c, row, tile, tile), ranges) for c in chunk]
                         images = normalise(torch.from_numpy(np.stack(windows)), record["mean"], record["std"])
-                        probs = tta_probabilities(lambda x: head(features(x), (tile, tile)).softmax(1), images,
-                                                  mode=tta).numpy() * weight
+                        guided = getattr(head, "training_free", False)  # kNN head: guided filter on the image
+                        probs = tta_probabilities(
+                            lambda x: head(features(x), (tile, tile), **({"guide": x} if guided else {})).softmax(1),
+                            images, mode=tta).numpy() * weight
                         for c, p in zip(chunk, probs):
                             acc[:, :, c:c + tile] += p[:, :, : acc_width - c]
                     done = (rows[i + 1] if i + 1 < len(rows) else height) - row

@@ -85,6 +85,11 @@ class ModelSpec:
     kind: str
     backbone: str | None = None
     decoder: str = "unet"
+    knn_k: int = 20  # decoder knn: neighbours per query patch
+    guided_filter: int = 0  # decoder knn: guided-filter radius in px (0: off)
+
+    def head_options(self) -> dict[str, int]:
+        return {"knn_k": self.knn_k, "guided_filter": self.guided_filter} if self.decoder == "knn" else {}
 
 
 def build_model(spec: ModelSpec, *, data_channels: int, num_classes: int, seed: int = 0) -> tuple[nn.Module, nn.Module, dict]:
@@ -102,7 +107,7 @@ def build_model(spec: ModelSpec, *, data_channels: int, num_classes: int, seed: 
             raise ConfigError(f"backbone {spec.backbone} takes in_chans={meta['in_chans']} bands but the data has "
                               f"{data_channels}; choose bands with --bands (e.g. --bands 3,2,1 for Landsat true colour)")
         features, head = build_segmenter(kind="vit", num_classes=num_classes, in_channels=data_channels,
-                                         decoder=spec.decoder, backbone=backbone)
+                                         decoder=spec.decoder, backbone=backbone, **spec.head_options())
         return features, head, meta
     features, head = build_segmenter(kind=spec.kind, num_classes=num_classes, in_channels=data_channels)
     return features, head, {}
@@ -119,7 +124,8 @@ def fresh_head(spec: ModelSpec, features: nn.Module, *, in_channels: int, num_cl
     """A newly initialised (seeded) head for already built features: no backbone reload."""
     torch.manual_seed(seed)
     if isinstance(features, FrozenViTFeatures):
-        return build_head(decoder=spec.decoder, embed_dim=int(features.backbone.embed_dim), num_classes=num_classes)
+        return build_head(decoder=spec.decoder, embed_dim=int(features.backbone.embed_dim), num_classes=num_classes,
+                          **spec.head_options())
     return build_segmenter(kind=spec.kind, num_classes=num_classes, in_channels=in_channels)[1]
 
 
@@ -175,6 +181,8 @@ def train_head(head: nn.Module, feats: Sequence[Tensor], labels: Tensor, *, igno
     ``loss_fn`` defaults to cross-entropy; ``curve`` (a list) receives the loss of every step."""
     if not (labels != ignore_index).any():
         raise ConfigError("the training tiles hold no labelled pixels")
+    if getattr(head, "training_free", False):  # the kNN decoder: fitting fills its memory bank
+        return head.fit(feats, labels, ignore_index=ignore_index).eval()
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(iterations, 1))
@@ -225,15 +233,18 @@ def evaluate_head(head: nn.Module, feats: Sequence[Tensor], labels: Tensor, *, n
     if tta != "none" and (features is None or images is None):
         raise ValueError("test-time augmentation needs the feature extractor and the images")
     head.eval()
+    guided = getattr(head, "training_free", False)  # the kNN head may refine with the image (guided filter)
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
     size = tuple(labels.shape[-2:])
     counts = ObjectCounts(size_bins_px=objects.size_bins_px) if objects is not None and num_classes == 2 else None
     for i in range(0, len(labels), batch_size):
-        if tta == "none":
+        if tta == "none" and guided and images is not None:
+            prediction = head([f[i:i + batch_size] for f in feats], size, guide=images[i:i + batch_size]).argmax(1)
+        elif tta == "none":
             prediction = head([f[i:i + batch_size] for f in feats], size).argmax(1)
         else:
-            prediction = tta_probabilities(lambda x: head(features(x), size).softmax(1), images[i:i + batch_size],
-                                           mode=tta).argmax(1)
+            prediction = tta_probabilities(lambda x: head(features(x), size, **({"guide": x} if guided else {})).softmax(1),
+                                           images[i:i + batch_size], mode=tta).argmax(1)
         target = labels[i:i + batch_size]
         matrix += confusion_matrix(prediction, target, num_classes=num_classes, ignore_index=ignore_index)
         if counts is not None:
@@ -262,12 +273,15 @@ def run_segmentation(spec: ModelSpec, data: SegData, *, out_dir: Path | None, lr
     common = dict(num_classes=data.num_classes, ignore_index=data.ignore_index, class_names=data.class_names)
     best: tuple[float, float, nn.Module, dict] | None = None
     sweep, curves = {}, {}
+    if spec.decoder == "knn" and spec.kind in ("vit", "random_init"):
+        lrs = list(lrs)[:1]  # nothing is trained: a learning-rate sweep would repeat one result
+    guides = {s: normalise(data.images[s], mean, std) for s in ("val", "test")} if spec.guided_filter else {}
     for lr in lrs:
         head = fresh_head(spec, features, in_channels=data.in_channels, num_classes=data.num_classes, seed=seed)
         curve: list[float] = []
         train_head(head, feats["train"], data.labels["train"], ignore_index=data.ignore_index, iterations=iterations,
                    lr=lr, batch_size=batch_size, seed=seed, progress=progress, loss_fn=loss_fn, curve=curve)
-        val = evaluate_head(head, feats["val"], data.labels["val"], **common, objects=objects)
+        val = evaluate_head(head, feats["val"], data.labels["val"], **common, objects=objects, images=guides.get("val"))
         sweep[str(lr)] = val["miou"]
         curves[str(lr)] = curve
         if best is None or val["miou"] > best[0]:
@@ -275,7 +289,7 @@ def run_segmentation(spec: ModelSpec, data: SegData, *, out_dir: Path | None, lr
     assert best is not None
     _, lr, head, val = best
     curve = curves[str(lr)]
-    test = evaluate_head(head, feats["test"], data.labels["test"], **common, objects=objects)
+    test = evaluate_head(head, feats["test"], data.labels["test"], **common, objects=objects, images=guides.get("test"))
     tta_record: dict[str, Any] = {"tta": tta}
     if tta != "none":
         plain = test
@@ -328,7 +342,8 @@ def load_run(run_dir: Path) -> tuple[nn.Module, nn.Module, dict]:
         raise ConfigError(f"--checkpoint {run_dir}: no {RUN_FILE} (is it an `eval seg --out-dir` run?)")
     record = json.loads(record_path.read_text())
     model = record["model"]
-    spec = ModelSpec(name=model["name"], kind=model["kind"], backbone=model["backbone"], decoder=model["decoder"])
+    spec = ModelSpec(name=model["name"], kind=model["kind"], backbone=model["backbone"], decoder=model["decoder"],
+                     knn_k=int(model.get("knn_k", 20)), guided_filter=int(model.get("guided_filter", 0)))
     features, head, _ = build_model(spec, data_channels=int(record["in_channels"]), num_classes=len(record["class_values"]),
                                    seed=int(record.get("seed", 0)))
     head.load_state_dict(load_file(str(Path(run_dir) / HEAD_FILE)))
