@@ -172,8 +172,8 @@ def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", type=Path, default=None,
                    help="a backbone .safetensors export (frozen); without it the supervised U-Net is trained")
     p.add_argument("--name", default="teacher", help="name of --backbone in outputs")
-    p.add_argument("--decoder", choices=["linear", "unet", "upernet", "knn"], default="unet",
-                   help="knn: training-free patch-feature label propagation (few-shot)")
+    p.add_argument("--decoder", choices=["linear", "unet", "upernet", "dpt", "knn"], default="unet",
+                   help="dpt: smp's DPT decoder on 4 blocks; knn: training-free patch-feature label propagation (few-shot)")
     p.add_argument("--knn-k", type=int, default=20, help="decoder knn: neighbours per query patch")
     p.add_argument("--guided-filter", type=int, default=0, metavar="RADIUS",
                    help="decoder knn: refine the upsampled votes with a guided filter of this radius in px (0: off)")
@@ -229,7 +229,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=0, help="input size in px (default: the export's img_size)")
     p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here too")
     p.set_defaults(run=run_eval)
-    p = tasks.add_parser("seg", help="segmentation: frozen backbone + linear/unet/upernet decoder; label efficiency",
+    p = tasks.add_parser("seg", help="segmentation: frozen backbone + linear/unet/upernet/dpt/knn decoder; label efficiency",
                          description="Frozen-backbone segmentation on image+mask pairs; --n-labelled for label efficiency.")
     _add_seg_arguments(p)
     p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here too")

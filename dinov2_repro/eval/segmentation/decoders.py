@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .necks import Feature2Pyramid, pyramid_block_indices
 
-DECODERS = ("linear", "unet", "upernet", "knn")
+DECODERS = ("linear", "unet", "upernet", "dpt", "knn")
 
 
 class FrozenViTFeatures(nn.Module):
@@ -131,6 +131,37 @@ class SupervisedUnet(nn.Module):
         return self.net(padded)[..., :height, :width]
 
 
+class DptHead(nn.Module):
+    """segmentation-models-pytorch's DPT decoder on 4 intermediate blocks of a plain ViT.
+
+    smp sizes DPT's reassemble stage from the encoder's strides (factor stride / 4, / 8, / 16, / 32);
+    with p = 14 those are fractional and the maps would not line up, so the blocks are declared at
+    stride 16: the maps are rescaled x4, x2, x1, x0.5 relative to the patch grid, the same relative
+    pyramid (p/4 .. 2p) as Feature2Pyramid. DPT's fusion halves and doubles sizes, so an odd patch
+    grid is padded (replicate) by one row / column and the padding cut off afterwards; the fused map
+    (8x the grid) goes through a 3x3 conv and bilinear upsampling to the tile size.
+    Channel widths are kept small (CPU); smp's defaults are (256, 512, 1024, 1024) / 256.
+    """
+
+    def __init__(self, *, embed_dim: int, num_classes: int, intermediate_channels: Sequence[int] = (64, 128, 256, 256),
+                 fusion_channels: int = 64) -> None:
+        super().__init__()
+        from segmentation_models_pytorch.decoders.dpt.decoder import DPTDecoder
+
+        self.decoder = DPTDecoder(encoder_out_channels=[embed_dim] * 4, encoder_output_strides=[16] * 4,
+                                  encoder_has_prefix_tokens=False, readout="ignore",
+                                  intermediate_channels=list(intermediate_channels), fusion_channels=fusion_channels)
+        self.classifier = nn.Conv2d(fusion_channels, num_classes, kernel_size=3, padding=1)
+
+    def forward(self, features: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
+        if len(features) != 4:
+            raise ValueError(f"the DPT head takes 4 feature maps, got {len(features)}")
+        height, width = features[0].shape[-2:]
+        padded = [F.pad(f, (0, width % 2, 0, height % 2), mode="replicate") for f in features]
+        fused = self.decoder(padded, [None] * 4)[..., : 8 * height, : 8 * width]
+        return F.interpolate(self.classifier(fused), size=size, mode="bilinear", align_corners=False)
+
+
 def build_head(*, decoder: str, embed_dim: int, num_classes: int, knn_k: int = 20, guided_filter: int = 0) -> nn.Module:
     """A head for a frozen ViT of width ``embed_dim`` (``knn``: the training-free kNN decoder)."""
     if decoder == "knn":
@@ -143,6 +174,8 @@ def build_head(*, decoder: str, embed_dim: int, num_classes: int, knn_k: int = 2
         return PyramidUnetHead(embed_dim=embed_dim, num_classes=num_classes)
     if decoder == "upernet":
         return PyramidUperHead(embed_dim=embed_dim, num_classes=num_classes)
+    if decoder == "dpt":
+        return DptHead(embed_dim=embed_dim, num_classes=num_classes)
     raise ValueError(f"decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
 
 
