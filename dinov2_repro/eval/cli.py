@@ -120,7 +120,8 @@ def run_seg(args: argparse.Namespace) -> dict:
     kind = "vit" if args.backbone else "supervised"
     if args.decoder == "knn" and not args.backbone:
         raise ConfigError("--decoder knn needs --backbone (it votes with the backbone's patch features)")
-    knn = {"knn_k": args.knn_k, "guided_filter": args.guided_filter}
+    knn = {"knn_k": args.knn_k, "guided_filter": args.guided_filter, "train_backbone": args.train_backbone,
+           "layer_decay": args.layer_decay}
     main_spec = ModelSpec(name=args.name, kind=kind, backbone=str(args.backbone) if args.backbone else None, decoder=args.decoder,
                           **knn)
     if not args.n_labelled:
@@ -175,6 +176,9 @@ def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", choices=["linear", "unet", "upernet", "dpt", "knn"], default="unet",
                    help="dpt: smp's DPT decoder on 4 blocks; knn: training-free patch-feature label propagation (few-shot)")
     p.add_argument("--knn-k", type=int, default=20, help="decoder knn: neighbours per query patch")
+    p.add_argument("--train-backbone", default="none", metavar="none|last:K|all",
+                   help="fine-tune the backbone (features recomputed every step, never cached); default: frozen")
+    p.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise lr decay when the backbone trains (e.g. 0.75)")
     p.add_argument("--guided-filter", type=int, default=0, metavar="RADIUS",
                    help="decoder knn: refine the upsampled votes with a guided filter of this radius in px (0: off)")
     p.add_argument("--tile", type=int, default=56, help="tile size in px (a multiple of the patch size)")
@@ -258,9 +262,10 @@ def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
     out_dir = getattr(args, "out_dir", None)
     run_files = None
     if out_dir is not None:
-        from .segmentation.train import HEAD_FILE, METRICS_FILE, RUN_FILE
+        from .segmentation.train import BACKBONE_FILE, HEAD_FILE, METRICS_FILE, RUN_FILE
 
-        names = (RUN_FILE, HEAD_FILE, METRICS_FILE, "label_efficiency.json", "label_efficiency.png", "landsat_6band.tif")
+        names = (RUN_FILE, HEAD_FILE, METRICS_FILE, BACKBONE_FILE, "label_efficiency.json", "label_efficiency.png",
+                 "landsat_6band.tif")
         run_files = [Path(out_dir) / name for name in names]
     refuse_overwriting_inputs(outputs={"--out": getattr(args, "out", None), "--out-dir": run_files}, inputs=inputs)
 

@@ -30,8 +30,14 @@ class FrozenViTFeatures(nn.Module):
         self.blocks = list(blocks)
         self.patch_size = int(backbone.patch_size)
 
+    trainable = False  # True once fine-tuning unfroze part of the backbone (finetune.py)
+
     @torch.no_grad()
     def forward(self, images: Tensor) -> list[Tensor]:
+        return self.trainable_forward(images)
+
+    def trainable_forward(self, images: Tensor) -> list[Tensor]:
+        """The same maps with gradients (fine-tuning modes)."""
         height, width = images.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"input {height}x{width} px is not a multiple of the patch size {self.patch_size}")

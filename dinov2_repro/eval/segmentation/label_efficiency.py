@@ -66,7 +66,11 @@ def run_label_efficiency(specs: Sequence[ModelSpec], data: SegData, *, n_values:
     for spec, features, meta in built:
         started = time.perf_counter()
         mean, std = input_normalisation(meta, data.images["train"])
-        feats = {s: cached_features(features, normalise(data.images[s], mean, std)) for s in ("train", "test")}
+        finetune = spec.train_backbone != "none"  # features recomputed every step, never cached
+        if finetune:
+            images = {s: normalise(data.images[s], mean, std) for s in ("train", "test")}
+        else:
+            feats = {s: cached_features(features, normalise(data.images[s], mean, std)) for s in ("train", "test")}
         runs: dict[str, Any] = {}
         iterator = jobs
         if progress:
@@ -76,9 +80,18 @@ def run_label_efficiency(specs: Sequence[ModelSpec], data: SegData, *, n_values:
         for n, seed in iterator:
             index = subsets[(n, seed)]
             head = fresh_head(spec, features, in_channels=data.in_channels, num_classes=data.num_classes, seed=seed)
-            train_head(head, [f[index] for f in feats["train"]], data.labels["train"][index], ignore_index=data.ignore_index,
-                       iterations=iterations, lr=lr, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
-            test = evaluate_head(head, feats["test"], data.labels["test"], **common)
+            if finetune:
+                from .finetune import fresh_features, train_end_to_end, unfreeze
+
+                trainable = unfreeze(features, spec.train_backbone)  # every job starts from the pretrained backbone
+                train_end_to_end(trainable, head, images["train"][index], data.labels["train"][index], loss_fn=loss_fn,
+                                 ignore_index=data.ignore_index, iterations=iterations, lr=lr, layer_decay=spec.layer_decay,
+                                 batch_size=batch_size, seed=seed)
+                test = evaluate_head(head, fresh_features(trainable, images["test"]), data.labels["test"], **common)
+            else:
+                train_head(head, [f[index] for f in feats["train"]], data.labels["train"][index], ignore_index=data.ignore_index,
+                           iterations=iterations, lr=lr, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
+                test = evaluate_head(head, feats["test"], data.labels["test"], **common)
             entry = runs.setdefault(str(n), {"miou": {}, "pixel_accuracy": {}, "per_class_iou": {}})
             entry["miou"][str(seed)] = test["miou"]
             entry["pixel_accuracy"][str(seed)] = test["pixel_accuracy"]
@@ -93,6 +106,7 @@ def run_label_efficiency(specs: Sequence[ModelSpec], data: SegData, *, n_values:
             entry.update(miou_mean=float(values.mean()), miou_std=float(values.std()),
                          miou_min=float(values.min()), miou_max=float(values.max()))
         models[spec.name] = {"kind": spec.kind, "backbone": spec.backbone, "decoder": spec.decoder if spec.kind in ("vit", "random_init") else None,
+                             "train_backbone": spec.train_backbone,
                              "runs": runs, "seconds": round(time.perf_counter() - started, 1)}
     test_support = np.bincount(data.labels["test"][data.labels["test"] != data.ignore_index].numpy(), minlength=data.num_classes)
     result = {"task": "seg_label_efficiency", "metric": "test mIoU", "data": data.data, "tile_px": data.tile,

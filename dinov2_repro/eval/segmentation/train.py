@@ -24,6 +24,7 @@ from .losses import LossFn, build_loss, choose_loss, parse_class_weights
 from .metrics import confusion_matrix, segmentation_metrics
 
 RUN_FILE, HEAD_FILE, METRICS_FILE = "seg_run.json", "head.safetensors", "metrics.json"
+BACKBONE_FILE = "backbone_finetuned.safetensors"  # only when the backbone trained (--train-backbone)
 
 
 @dataclass
@@ -87,6 +88,8 @@ class ModelSpec:
     decoder: str = "unet"
     knn_k: int = 20  # decoder knn: neighbours per query patch
     guided_filter: int = 0  # decoder knn: guided-filter radius in px (0: off)
+    train_backbone: str = "none"  # none | last:K | all (finetune.py)
+    layer_decay: float = 1.0  # layer-wise lr decay when the backbone trains
 
     def head_options(self) -> dict[str, int]:
         return {"knn_k": self.knn_k, "guided_filter": self.guided_filter} if self.decoder == "knn" else {}
@@ -144,7 +147,11 @@ def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
 
 @torch.no_grad()
 def cached_features(features: nn.Module, images: Tensor, *, batch_size: int = 32) -> list[Tensor]:
-    """Frozen features of every image, computed once: a list of (N, ...) tensors."""
+    """Frozen features of every image, computed once: a list of (N, ...) tensors. Refused for a
+    backbone that trains: its cached features would go stale at the first step."""
+    if getattr(features, "trainable", False) or any(p.requires_grad for p in features.parameters()):
+        raise ConfigError("cached features cannot be used when the backbone trains (--train-backbone): "
+                          "features must be recomputed at every step")
     features.eval()
     chunks = [features(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     return [torch.cat([chunk[level] for chunk in chunks]) for level in range(len(chunks[0]))]
@@ -269,6 +276,9 @@ def run_segmentation(spec: ModelSpec, data: SegData, *, out_dir: Path | None, lr
     features, _, meta = build_model(spec, data_channels=data.in_channels, num_classes=data.num_classes, seed=seed)
     check_tile(features, data, spec)
     mean, std = input_normalisation(meta, data.images["train"])
+    if spec.train_backbone != "none":
+        return _run_finetuning(spec, data, features, mean=mean, std=std, out_dir=out_dir, lrs=lrs, iterations=iterations,
+                               batch_size=batch_size, seed=seed, choice=choice, loss_fn=loss_fn, objects=objects)
     feats = {s: cached_features(features, normalise(data.images[s], mean, std)) for s in SPLITS}
     common = dict(num_classes=data.num_classes, ignore_index=data.ignore_index, class_names=data.class_names)
     best: tuple[float, float, nn.Module, dict] | None = None
@@ -309,6 +319,43 @@ def run_segmentation(spec: ModelSpec, data: SegData, *, out_dir: Path | None, lr
     return result
 
 
+def _run_finetuning(spec: ModelSpec, data: SegData, features: nn.Module, *, mean, std, out_dir: Path | None,
+                    lrs: Sequence[float], iterations: int, batch_size: int, seed: int, choice: LossChoice, loss_fn: LossFn,
+                    objects: ObjectOptions) -> dict[str, Any]:
+    """``run_segmentation`` when the backbone trains: every lr starts from the same pretrained
+    backbone, features are recomputed at every step, and evaluation uses the trained backbone."""
+    from .finetune import fresh_features, train_end_to_end, trainable_parameter_count, unfreeze
+
+    if not isinstance(features, FrozenViTFeatures) or spec.decoder == "knn":
+        raise ConfigError(f"--train-backbone {spec.train_backbone}: needs --backbone and a trained decoder (not knn)")
+    images = {s: normalise(data.images[s], mean, std) for s in SPLITS}
+    common = dict(num_classes=data.num_classes, ignore_index=data.ignore_index, class_names=data.class_names)
+    best = None
+    sweep, curves = {}, {}
+    for lr in lrs:
+        trainable = unfreeze(features, spec.train_backbone)
+        head = fresh_head(spec, features, in_channels=data.in_channels, num_classes=data.num_classes, seed=seed)
+        curve: list[float] = []
+        train_end_to_end(trainable, head, images["train"], data.labels["train"], loss_fn=loss_fn,
+                         ignore_index=data.ignore_index, iterations=iterations, lr=lr, layer_decay=spec.layer_decay,
+                         batch_size=batch_size, seed=seed, curve=curve)
+        val = evaluate_head(head, fresh_features(trainable, images["val"]), data.labels["val"], **common, objects=objects)
+        sweep[str(lr)], curves[str(lr)] = val["miou"], curve
+        if best is None or val["miou"] > best[0]:
+            best = (val["miou"], lr, trainable, head, val)
+    assert best is not None
+    _, lr, trainable, head, val = best
+    test = evaluate_head(head, fresh_features(trainable, images["test"]), data.labels["test"], **common, objects=objects)
+    result = {"task": "seg", "model": asdict(spec), "data": data.data, "tile_px": data.tile, "classes": data.class_names,
+              "n_tiles": {s: len(data.labels[s]) for s in SPLITS}, "lr_sweep_val_miou": sweep, "lr": lr,
+              "iterations": iterations, "seed": seed, **choice.record(), "train_loss_curve": _curve_summary(curves[str(lr)]),
+              "tta": "none", "val": val, "test": test, "trainable_parameters": trainable_parameter_count([trainable, head])}
+    if out_dir is not None:
+        save_run(out_dir, spec=spec, data=data, head=head, mean=mean, std=std, metrics=result, backbone=trainable.backbone)
+        result["run_dir"] = str(out_dir)
+    return result
+
+
 def _curve_summary(curve: Sequence[float], points: int = 10) -> dict[str, list]:
     """The training loss at ``points`` evenly spaced steps, each the mean of the steps since the last
     point (a smoothed curve, small enough for the metrics JSON)."""
@@ -320,10 +367,14 @@ def _curve_summary(curve: Sequence[float], points: int = 10) -> dict[str, list]:
 
 
 def save_run(out_dir: Path, *, spec: ModelSpec, data: SegData, head: nn.Module, mean: Sequence[float],
-             std: Sequence[float], metrics: dict) -> None:
+             std: Sequence[float], metrics: dict, backbone: nn.Module | None = None) -> None:
+    """The run directory; ``backbone`` (fine-tuning modes) saves the trained backbone weights too."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if backbone is not None:
+        with atomic_output(out_dir / BACKBONE_FILE, suffix=".safetensors") as tmp:
+            save_file({k: v.detach().contiguous() for k, v in backbone.state_dict().items()}, str(tmp))
     record = {"model": {**asdict(spec), "backbone": str(Path(spec.backbone).resolve()) if spec.backbone else None},
               "tile": data.tile, "bands": data.bands, "class_values": data.class_values, "class_names": data.class_names,
               "ignore_index": data.ignore_index, "seed": int(metrics.get("seed", 0)), "mean": list(mean), "std": list(std), "in_channels": data.in_channels}
@@ -343,8 +394,11 @@ def load_run(run_dir: Path) -> tuple[nn.Module, nn.Module, dict]:
     record = json.loads(record_path.read_text())
     model = record["model"]
     spec = ModelSpec(name=model["name"], kind=model["kind"], backbone=model["backbone"], decoder=model["decoder"],
-                     knn_k=int(model.get("knn_k", 20)), guided_filter=int(model.get("guided_filter", 0)))
+                     knn_k=int(model.get("knn_k", 20)), guided_filter=int(model.get("guided_filter", 0)),
+                     train_backbone=str(model.get("train_backbone", "none")), layer_decay=float(model.get("layer_decay", 1.0)))
     features, head, _ = build_model(spec, data_channels=int(record["in_channels"]), num_classes=len(record["class_values"]),
                                    seed=int(record.get("seed", 0)))
     head.load_state_dict(load_file(str(Path(run_dir) / HEAD_FILE)))
+    if spec.train_backbone != "none":  # the fine-tuned backbone replaces the export's weights
+        features.backbone.load_state_dict(load_file(str(Path(run_dir) / BACKBONE_FILE)))
     return features.eval(), head.eval(), record
