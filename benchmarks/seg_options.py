@@ -8,6 +8,8 @@ automatic ce+dice for the random-init ViT (linear, U-Net), the spectral and the 
 ``imbalance``: a binary task cut from the shipped Landsat scene (herbaceous, strata class 3, vs
 the rest; ~12% of the training pixels), plain CE vs the automatic ce+dice, per model.
 ``decoders``: the 7-class strata task with every decoder (test mIoU with and without d4 TTA).
+``label_efficiency``: the strata task, n = 1, 2, 5, all x seeds 0, 1, 2, the kNN decoder (no
+training) vs a trained linear head on the same random-init features vs the per-pixel spectral head.
 ``converge``: the supervised U-Net's smoothed training loss over the default 200 iterations.
 The backbone is the tiny test ViT (embed 32, depth 4, patch 14) at a seeded RANDOM init: no
 pretrained tiny export could be trained on this shared machine in the time available, so these
@@ -55,7 +57,7 @@ def main() -> int:
     from test_seg import _tiny_vit
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("experiments", nargs="+", choices=["synthetic", "imbalance", "decoders", "converge"])
+    parser.add_argument("experiments", nargs="+", choices=["synthetic", "imbalance", "decoders", "label_efficiency", "converge"])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -110,6 +112,21 @@ def main() -> int:
                          "trainable": r["trainable_parameters"], "curve": r["train_loss_curve"]["loss"],
                          "test_classes": r["test"]["classes_in_ground_truth"], "seconds": round(time.time() - t)})
             print(rows[-1], flush=True)
+    if "label_efficiency" in args.experiments:
+        from dinov2_repro.eval.segmentation.label_efficiency import run_label_efficiency
+
+        data = prepare_data(data="landsat", workdir=workdir, tile=56, bands=[3, 2, 1])
+        t = time.time()
+        specs = [ModelSpec("knn", "vit", backbone, "knn"), ModelSpec("linear", "vit", backbone, "linear"),
+                 ModelSpec("spectral", "spectral")]
+        le = run_label_efficiency(specs, data, n_values=[1, 2, 5, None], seeds=[0, 1, 2], progress=False)
+        for name, model in le["models"].items():
+            rows.append({"exp": "label_efficiency", "model": name, "seconds": model["seconds"],
+                         "miou": {n: {"mean": r["miou_mean"], "min": r["miou_min"], "max": r["miou_max"]}
+                                  for n, r in model["runs"].items()}})
+            print(rows[-1], flush=True)
+        rows.append({"exp": "label_efficiency_meta", "n_tiles": le["n_tiles"], "test_classes": le["test_classes"],
+                     "seconds": round(time.time() - t)})
     if "converge" in args.experiments:
         data = prepare_data(data="landsat", workdir=workdir, tile=56, bands=[3, 2, 1])
         t = time.time()
