@@ -110,6 +110,8 @@ def _ints(text: str | None, option: str) -> list[int] | None:
 def run_seg(args: argparse.Namespace) -> dict:
     from .segmentation.train import ModelSpec, ObjectOptions, prepare_data, run_segmentation
 
+    if args.n_labelled and (args.tta != "none" or args.guided_filter):
+        raise ConfigError("--tta and --guided-filter apply to single runs, not to label efficiency (--n-labelled)")
     out_dir = Path(args.out_dir) if args.out_dir else None
     # The shipped example writes its 6-band stack into the run directory (a temporary one without --out-dir).
     workdir = out_dir or Path(tempfile.mkdtemp(prefix="dinov2_repro_seg_"))
@@ -150,7 +152,8 @@ def run_seg(args: argparse.Namespace) -> dict:
     return run_label_efficiency(specs, data, n_values=parse_n_labelled(args.n_labelled),
                                 seeds=_ints(args.seeds, "--seeds") or [0], lr=_floats(args.lrs, "--lrs")[0],
                                 iterations=args.iterations, batch_size=args.batch_size, out_dir=out_dir,
-                                loss=args.loss, class_weights=args.class_weights)
+                                loss=args.loss, class_weights=args.class_weights,
+                                objects=ObjectOptions(args.iou, args.min_area_px, tuple(_floats(args.size_bins, "--size-bins"))))
 
 
 def _add_object_arguments(p: argparse.ArgumentParser) -> None:

@@ -12,8 +12,8 @@ import numpy as np
 from ...config import ConfigError
 from ...io.files import atomic_write_text
 from .data import SPLITS
-from .train import (ModelSpec, SegData, build_model, cached_features, check_tile, evaluate_head, fresh_head,
-                    input_normalisation, normalise, resolve_loss, train_head)
+from .train import (ModelSpec, ObjectOptions, SegData, build_model, cached_features, check_tile, evaluate_head,
+                    fresh_head, input_normalisation, normalise, resolve_loss, train_head)
 
 
 def parse_n_labelled(text: str) -> list[int | None]:
@@ -44,7 +44,8 @@ def label_subsets(n_train: int, n_values: Sequence[int | None], seeds: Sequence[
 
 def run_label_efficiency(specs: Sequence[ModelSpec], data: SegData, *, n_values: Sequence[int | None], seeds: Sequence[int],
                          lr: float = 1e-3, iterations: int = 200, batch_size: int = 8, out_dir: Path | None = None,
-                         progress: bool = True, loss: str | None = None, class_weights: str | None = None) -> dict[str, Any]:
+                         progress: bool = True, loss: str | None = None, class_weights: str | None = None,
+                         objects: ObjectOptions = ObjectOptions()) -> dict[str, Any]:
     """Train every (model, n, seed) head on cached features; JSON (and PNG) under ``out_dir``.
     The loss (``--loss`` or the automatic rule) is chosen once from all training tiles, so every
     subset and model trains with the same one."""
@@ -55,7 +56,7 @@ def run_label_efficiency(specs: Sequence[ModelSpec], data: SegData, *, n_values:
     choice = resolve_loss(data, loss=loss, class_weights=class_weights)
     loss_fn = choice.build(num_classes=data.num_classes, ignore_index=data.ignore_index)
     counts = sorted({n for n, _ in subsets})
-    common = dict(num_classes=data.num_classes, ignore_index=data.ignore_index, class_names=data.class_names)
+    common = dict(num_classes=data.num_classes, ignore_index=data.ignore_index, class_names=data.class_names, objects=objects)
     models: dict[str, Any] = {}
     jobs = [(n, seed) for n in counts for seed in seeds]
     built = []
