@@ -33,6 +33,8 @@ setup(
         "submitit>=1.5",
         "matplotlib",
         "segmentation-models-pytorch>=0.5",  # U-Net / UPerNet decoders of `eval seg` (never downloads weights)
+        "shapely>=2.0",  # object metrics and vector output of segmentation maps
+        "pyogrio",  # GeoPackage / GeoJSON reading and writing (GDAL's vector drivers, no geopandas)
     ],
     extras_require={
         "gpu": ["xformers", "faiss-gpu"],

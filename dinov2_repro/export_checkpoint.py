@@ -50,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    from .io.paths import files_in, refuse_overwriting_inputs
+
+    refuse_overwriting_inputs(outputs={"--out": args.out}, inputs={"--checkpoint": [args.checkpoint, *files_in(args.checkpoint)]})
     path = export_from_checkpoint(args.checkpoint, args.out, fmt=args.format, which=args.which, with_heads=args.with_heads)
     print(f"wrote {path}")
     return 0

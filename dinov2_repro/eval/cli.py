@@ -129,8 +129,10 @@ def _ints(text: str | None, option: str) -> list[int] | None:
 
 
 def run_seg(args: argparse.Namespace) -> dict:
-    from .segmentation.train import ModelSpec, prepare_data, run_segmentation
+    from .segmentation.train import ModelSpec, ObjectOptions, prepare_data, run_segmentation
 
+    if args.n_labelled and (args.tta != "none" or args.guided_filter):
+        raise ConfigError("--tta and --guided-filter apply to single runs, not to label efficiency (--n-labelled)")
     out_dir = Path(args.out_dir) if args.out_dir else None
     if args.expand_bands:  # the format is checked before any data is read; the band numbers once it is
         from ..band_expansion import parse_band_expansion
@@ -148,12 +150,17 @@ def run_seg(args: argparse.Namespace) -> dict:
     kind = "vit" if args.backbone else "supervised"
     if args.expand_bands and not args.backbone:
         raise ConfigError("--expand-bands needs --backbone (it expands that backbone's RGB patch embedding)")
-    expand = args.expand_bands or None
+    if args.decoder == "knn" and not args.backbone:
+        raise ConfigError("--decoder knn needs --backbone (it votes with the backbone's patch features)")
+    knn = {"knn_k": args.knn_k, "guided_filter": args.guided_filter, "train_backbone": args.train_backbone,
+           "layer_decay": args.layer_decay, "expand_bands": args.expand_bands or None}
     main_spec = ModelSpec(name=args.name, kind=kind, backbone=str(args.backbone) if args.backbone else None, decoder=args.decoder,
-                          expand_bands=expand)
+                          **knn)
     if not args.n_labelled:
         return run_segmentation(main_spec, data, out_dir=out_dir, lrs=_floats(args.lrs, "--lrs"), iterations=args.iterations,
-                                batch_size=args.batch_size, seed=args.seed)
+                                batch_size=args.batch_size, seed=args.seed, loss=args.loss, class_weights=args.class_weights,
+                                objects=ObjectOptions(args.iou, args.min_area_px, tuple(_floats(args.size_bins, "--size-bins"))),
+                                tta=args.tta)
     from .segmentation.label_efficiency import parse_n_labelled, run_label_efficiency
 
     specs = [main_spec]
@@ -161,20 +168,36 @@ def run_seg(args: argparse.Namespace) -> dict:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--compare {item}: expected NAME=BACKBONE.safetensors")
-        specs.append(ModelSpec(name=name, kind="vit", backbone=path, decoder=args.decoder, expand_bands=expand))
+        specs.append(ModelSpec(name=name, kind="vit", backbone=path, decoder=args.decoder, **knn))
     for baseline in [b for b in args.baselines.split(",") if b]:
         if baseline == "random_init":
             if not args.backbone:
                 raise ConfigError("--baselines random_init needs --backbone (it rebuilds that architecture)")
             specs.append(ModelSpec(name="random_init", kind="random_init", backbone=str(args.backbone), decoder=args.decoder,
-                                   expand_bands=expand))
+                                   **knn))
         elif baseline in ("spectral", "supervised"):
             specs.append(ModelSpec(name=baseline, kind=baseline))
         else:
             raise ConfigError(f"--baselines: unknown baseline {baseline!r}; choose from random_init, spectral, supervised")
     return run_label_efficiency(specs, data, n_values=parse_n_labelled(args.n_labelled),
                                 seeds=_ints(args.seeds, "--seeds") or [0], lr=_floats(args.lrs, "--lrs")[0],
-                                iterations=args.iterations, batch_size=args.batch_size, out_dir=out_dir)
+                                iterations=args.iterations, batch_size=args.batch_size, out_dir=out_dir,
+                                loss=args.loss, class_weights=args.class_weights,
+                                objects=ObjectOptions(args.iou, args.min_area_px, tuple(_floats(args.size_bins, "--size-bins"))))
+
+
+def _add_object_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--iou", type=float, default=0.5, help="object matching threshold (objects: IoU >= this)")
+    p.add_argument("--min-area-px", type=float, default=0.0, help="objects smaller than this (pixels) are dropped on both sides")
+    p.add_argument("--size-bins", default="100,400,1600", help="true-object area bin edges in pixels, for recall by size")
+
+
+def run_objects(args: argparse.Namespace) -> dict:
+    from .segmentation.objects import evaluate_object_files
+
+    return evaluate_object_files(args.pred, args.truth, class_value=args.class_value, iou_threshold=args.iou,
+                                 min_area_px=args.min_area_px, size_bins_px=_floats(args.size_bins, "--size-bins"),
+                                 truth_instances=args.truth_instances)
 
 
 def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
@@ -183,7 +206,14 @@ def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", type=Path, default=None,
                    help="a backbone .safetensors export (frozen); without it the supervised U-Net is trained")
     p.add_argument("--name", default="teacher", help="name of --backbone in outputs")
-    p.add_argument("--decoder", choices=["linear", "unet", "upernet"], default="unet")
+    p.add_argument("--decoder", choices=["linear", "unet", "upernet", "dpt", "knn"], default="unet",
+                   help="dpt: smp's DPT decoder on 4 blocks; knn: training-free patch-feature label propagation (few-shot)")
+    p.add_argument("--knn-k", type=int, default=20, help="decoder knn: neighbours per query patch")
+    p.add_argument("--train-backbone", default="none", metavar="none|last:K|all",
+                   help="fine-tune the backbone (features recomputed every step, never cached); default: frozen")
+    p.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise lr decay when the backbone trains (e.g. 0.75)")
+    p.add_argument("--guided-filter", type=int, default=0, metavar="RADIUS",
+                   help="decoder knn: refine the upsampled votes with a guided filter of this radius in px (0: off)")
     p.add_argument("--tile", type=int, default=56, help="tile size in px (a multiple of the patch size)")
     p.add_argument("--bands", default=None, help="1-based bands to read, e.g. 3,2,1 (default: all)")
     p.add_argument("--expand-bands", default=None, metavar="mean|R,G,B",
@@ -195,6 +225,12 @@ def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-index", type=int, default=255, help="mask value excluded from loss and metrics")
     p.add_argument("--lrs", default="0.001", help="learning-rate sweep, best on val (label efficiency: the first)")
     p.add_argument("--iterations", type=int, default=200)
+    p.add_argument("--loss", choices=["ce", "dice", "focal", "ce+dice", "lovasz"], default=None,
+                   help="head training loss (default: ce; ce+dice for binary tasks with foreground < 20%%)")
+    p.add_argument("--class-weights", default=None, help="'auto' (inverse frequency, capped at 10) or W1,W2,... per class")
+    _add_object_arguments(p)  # binary tasks: object metrics of the test tiles
+    p.add_argument("--tta", choices=["none", "flip", "d4"], default="none",
+                   help="test-time augmentation of the test tiles (4 mirror views or 8 dihedral views; the plain score is kept too)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0, help="seed of the block-to-split assignment")
@@ -216,7 +252,7 @@ def _add_baseline_arguments(p: argparse.ArgumentParser, *, region: bool) -> None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="frozen-backbone evaluations: knn, landcover, linear, seg",
+    parser = subparsers.add_parser("eval", help="frozen-backbone evaluations: knn, landcover, linear, seg, objects",
                                    description="Frozen-backbone evaluations of an exported backbone.")
     parser.set_defaults(help_parser=parser)  # `dinov2-repro eval` alone prints this parser's help
     tasks = parser.add_subparsers(dest="task", metavar="TASK", title="tasks")
@@ -246,17 +282,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here too")
     _add_baseline_arguments(p, region=True)
     p.set_defaults(run=run_eval)
-    p = tasks.add_parser("seg", help="segmentation: frozen backbone + linear/unet/upernet decoder; label efficiency",
+    p = tasks.add_parser("seg", help="segmentation: frozen backbone + linear/unet/upernet/dpt/knn decoder; label efficiency",
                          description="Frozen-backbone segmentation on image+mask pairs; --n-labelled for label efficiency.")
     _add_seg_arguments(p)
     p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here too")
     p.set_defaults(run=run_eval)
+    p = tasks.add_parser("objects", help="object-level precision / recall / F1 of a binary map (SpaceNet-style matching)",
+                         description="Polygonise a predicted class map and match it one-to-one to true objects "
+                                     "(IoU >= --iou, highest IoU first).")
+    p.add_argument("--pred", required=True, type=Path, help="class-code GeoTIFF, e.g. from `predict seg`")
+    p.add_argument("--truth", required=True, type=Path,
+                   help="mask GeoTIFF on the map's grid, or polygons (.geojson / .gpkg) in the map's CRS")
+    _add_object_arguments(p)
+    p.add_argument("--class-value", type=int, default=1, help="the map's (and mask's) code of the object class")
+    p.add_argument("--truth-instances", action="store_true",
+                   help="the truth raster holds one id per object (keeps touching buildings apart)")
+    p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here too")
+    p.set_defaults(run=run_eval)
+
+
+def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
+    """No output of an eval task may be one of its inputs (io.paths): checked before any work."""
+    from ..io.paths import refuse_overwriting_inputs
+
+    inputs = {f"--{name.replace('_', '-')}": getattr(args, name, None)
+              for name in ("backbone", "train", "val", "data", "pred", "truth")}
+    inputs["--compare"] = [item.partition("=")[2] for item in getattr(args, "compare", [])]
+    out_dir = getattr(args, "out_dir", None)
+    run_files = None
+    if out_dir is not None:
+        from .segmentation.train import BACKBONE_FILE, HEAD_FILE, METRICS_FILE, RUN_FILE
+
+        names = (RUN_FILE, HEAD_FILE, METRICS_FILE, BACKBONE_FILE, "label_efficiency.json", "label_efficiency.png",
+                 "landsat_6band.tif")
+        run_files = [Path(out_dir) / name for name in names]
+    refuse_overwriting_inputs(outputs={"--out": getattr(args, "out", None), "--out-dir": run_files}, inputs=inputs)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..io.files import atomic_write_text
 
-    runners = {"knn": run_knn, "landcover": run_landcover, "linear": run_linear, "seg": run_seg}
+    _refuse_overwriting_inputs(args)
+    runners = {"knn": run_knn, "landcover": run_landcover, "linear": run_linear, "seg": run_seg, "objects": run_objects}
     result = runners[args.task](args)
     text = json.dumps(result, indent=2)
     print(text)

@@ -9,7 +9,9 @@ from pathlib import Path
 def _run_predict_seg(args: argparse.Namespace) -> int:
     from .segmentation.predict import predict_scene
 
-    result = predict_scene(args.checkpoint, args.scene, args.out, overlap=args.overlap, batch_size=args.batch_size)
+    result = predict_scene(args.checkpoint, args.scene, args.out, overlap=args.overlap, batch_size=args.batch_size,
+                           tta=args.tta, vector=args.vector, vector_min_area_px=args.vector_min_area_px,
+                           vector_simplify=args.vector_simplify)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -23,4 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     seg.add_argument("--out", required=True, type=Path, help="output GeoTIFF (class codes); a .png preview is written beside it")
     seg.add_argument("--overlap", type=float, default=0.25, help="window overlap as a fraction of the tile")
     seg.add_argument("--batch-size", type=int, default=16)
+    seg.add_argument("--vector", type=Path, default=None,
+                     help="also write the map's polygons (class, area, pixels, mean_confidence) to a .gpkg or .geojson")
+    seg.add_argument("--vector-min-area-px", type=float, default=0.0, help="drop polygons smaller than this (pixels)")
+    seg.add_argument("--vector-simplify", type=float, default=0.0, help="simplification tolerance in CRS units (0: off)")
+    seg.add_argument("--tta", choices=["none", "flip", "d4"], default="none",
+                     help="test-time augmentation: average the 4 mirror views or the 8 dihedral views of each window")
     seg.set_defaults(run=_run_predict_seg)

@@ -19,6 +19,7 @@ detector, the trainer's ``Manifest``/``GeoTiff`` datasets), implemented by :clas
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from ..config import ConfigError
 from .files import RASTER_SUFFIXES
 
 STATS_MAX_SIDE = 1024  # statistics read: at most this many pixels per side
@@ -55,6 +57,36 @@ def parse_float_list(text: str, *, what: str) -> list[float]:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+
+
+class RasterReadError(ConfigError):
+    """A raster whose pixels cannot be read (truncated or corrupt file): one line naming the file
+    and the window, exit 2 through the CLI's ConfigError handling."""
+
+
+@contextlib.contextmanager
+def raster_read_guard(path: str | os.PathLike, window: Sequence[int] | None = None) -> Iterator[None]:
+    """Turn rasterio/GDAL read failures inside the block into one :class:`RasterReadError` that
+    names ``path`` and ``window`` ([col_off, row_off, width, height]; None = the whole file) and
+    GDAL's own reason (which rasterio keeps as the exception's cause)."""
+    from rasterio.errors import RasterioError
+
+    try:
+        yield
+    except RasterioError as err:
+        if not Path(path).exists():
+            raise RasterReadError(f"{path}: file does not exist") from None
+        reasons = []
+        cause: BaseException | None = err
+        while cause is not None and len(reasons) < 3:
+            text = " ".join(str(cause).split())
+            if text and "See previous exception" not in text and text not in reasons:
+                reasons.append(text)
+            cause = cause.__cause__ or cause.__context__
+        where = "the whole file" if window is None else "window [col_off, row_off, width, height] = " + str(
+            [int(v) for v in window])
+        raise RasterReadError(f"{path}: cannot read {where} ({reasons[0] if reasons else type(err).__name__}); "
+                              f"the file is truncated or corrupt") from None
 
 
 def band_count(path: str | os.PathLike) -> int:
@@ -91,7 +123,7 @@ def read_decimated(path: str | os.PathLike, bands: Sequence[int]) -> tuple[np.nd
     import rasterio
 
     bands = list(bands)
-    with rasterio.open(path) as src:
+    with raster_read_guard(path), rasterio.open(path) as src:
         factor = max(1, math.ceil(max(src.height, src.width) / STATS_MAX_SIDE))
         shape = (len(bands), math.ceil(src.height / factor), math.ceil(src.width / factor))
         data = src.read(bands, out_shape=shape).astype(np.float64)
@@ -145,7 +177,7 @@ def read_window(path: str | os.PathLike, bands: Sequence[int], window: Sequence[
     from rasterio.windows import Window
 
     bands = list(bands)
-    with rasterio.open(path) as src:
+    with raster_read_guard(path, window), rasterio.open(path) as src:
         col_off, row_off, width, height = (int(v) for v in window) if window is not None else (0, 0, src.width, src.height)
         # Pixels outside the scene (a window overhanging its edge) are nodata even when the file
         # declares no nodata value: only the part inside is read (rasterio's boundless read goes

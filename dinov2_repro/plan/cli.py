@@ -50,6 +50,10 @@ def plan_from_args(*, config_file: str, overrides: list[str], nodes: int, gpus_p
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from ..io.paths import refuse_overwriting_inputs
+
+    refuse_overwriting_inputs(outputs={"--out": args.out},
+                              inputs={"--config-file": args.config_file, "--teacher-config": args.teacher_config})
     plan = plan_from_args(config_file=args.config_file, overrides=list(args.overrides), nodes=args.nodes,
                           gpus_per_node=args.gpus_per_node, gpu=args.gpu, mfu=args.mfu,
                           teacher_config=args.teacher_config)

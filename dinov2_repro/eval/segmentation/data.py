@@ -139,7 +139,7 @@ def raster_valid(path: Path, bands: Sequence[int], window: Sequence[int] | None 
     import rasterio
     from rasterio.windows import Window
 
-    with rasterio.open(path) as src:
+    with raster.raster_read_guard(path, window), rasterio.open(path) as src:
         col, row, width, height = window if window is not None else (0, 0, src.width, src.height)
         valid = np.zeros((height, width), dtype=bool)
         c0, r0, c1, r1 = max(col, 0), max(row, 0), min(col + width, src.width), min(row + height, src.height)
@@ -172,7 +172,7 @@ def read_mask(pair: PairSource, shape: tuple[int, int]) -> tuple[np.ndarray, np.
     if is_raster(pair.image) and is_raster(pair.mask):
         import rasterio
 
-        with rasterio.open(pair.image) as img, rasterio.open(pair.mask) as msk:
+        with raster.raster_read_guard(pair.mask), rasterio.open(pair.image) as img, rasterio.open(pair.mask) as msk:
             if img.crs is not None and msk.crs is not None:
                 if img.crs != msk.crs:
                     raise ConfigError(f"mask {pair.mask} has CRS {msk.crs}, its image {pair.image} has {img.crs}")
@@ -180,7 +180,7 @@ def read_mask(pair: PairSource, shape: tuple[int, int]) -> tuple[np.ndarray, np.
     if is_raster(pair.mask):
         import rasterio
 
-        with rasterio.open(pair.mask) as msk:
+        with raster.raster_read_guard(pair.mask), rasterio.open(pair.mask) as msk:
             values, nodata = msk.read(1), msk.nodata
     else:
         from PIL import Image

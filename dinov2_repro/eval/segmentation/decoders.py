@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .necks import Feature2Pyramid, pyramid_block_indices
 
-DECODERS = ("linear", "unet", "upernet")
+DECODERS = ("linear", "unet", "upernet", "dpt", "knn")
 
 
 class FrozenViTFeatures(nn.Module):
@@ -30,8 +30,14 @@ class FrozenViTFeatures(nn.Module):
         self.blocks = list(blocks)
         self.patch_size = int(backbone.patch_size)
 
+    trainable = False  # True once fine-tuning unfroze part of the backbone (finetune.py)
+
     @torch.no_grad()
     def forward(self, images: Tensor) -> list[Tensor]:
+        return self.trainable_forward(images)
+
+    def trainable_forward(self, images: Tensor) -> list[Tensor]:
+        """The same maps with gradients (fine-tuning modes)."""
         height, width = images.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"input {height}x{width} px is not a multiple of the patch size {self.patch_size}")
@@ -131,30 +137,67 @@ class SupervisedUnet(nn.Module):
         return self.net(padded)[..., :height, :width]
 
 
-def build_head(*, decoder: str, embed_dim: int, num_classes: int) -> nn.Module:
-    """A trainable head for a frozen ViT of width ``embed_dim``."""
+class DptHead(nn.Module):
+    """segmentation-models-pytorch's DPT decoder on 4 intermediate blocks of a plain ViT.
+
+    smp sizes DPT's reassemble stage from the encoder's strides (factor stride / 4, / 8, / 16, / 32);
+    with p = 14 those are fractional and the maps would not line up, so the blocks are declared at
+    stride 16: the maps are rescaled x4, x2, x1, x0.5 relative to the patch grid, the same relative
+    pyramid (p/4 .. 2p) as Feature2Pyramid. DPT's fusion halves and doubles sizes, so an odd patch
+    grid is padded (replicate) by one row / column and the padding cut off afterwards; the fused map
+    (8x the grid) goes through a 3x3 conv and bilinear upsampling to the tile size.
+    Channel widths are kept small (CPU); smp's defaults are (256, 512, 1024, 1024) / 256.
+    """
+
+    def __init__(self, *, embed_dim: int, num_classes: int, intermediate_channels: Sequence[int] = (64, 128, 256, 256),
+                 fusion_channels: int = 64) -> None:
+        super().__init__()
+        from segmentation_models_pytorch.decoders.dpt.decoder import DPTDecoder
+
+        self.decoder = DPTDecoder(encoder_out_channels=[embed_dim] * 4, encoder_output_strides=[16] * 4,
+                                  encoder_has_prefix_tokens=False, readout="ignore",
+                                  intermediate_channels=list(intermediate_channels), fusion_channels=fusion_channels)
+        self.classifier = nn.Conv2d(fusion_channels, num_classes, kernel_size=3, padding=1)
+
+    def forward(self, features: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
+        if len(features) != 4:
+            raise ValueError(f"the DPT head takes 4 feature maps, got {len(features)}")
+        height, width = features[0].shape[-2:]
+        padded = [F.pad(f, (0, width % 2, 0, height % 2), mode="replicate") for f in features]
+        fused = self.decoder(padded, [None] * 4)[..., : 8 * height, : 8 * width]
+        return F.interpolate(self.classifier(fused), size=size, mode="bilinear", align_corners=False)
+
+
+def build_head(*, decoder: str, embed_dim: int, num_classes: int, knn_k: int = 20, guided_filter: int = 0) -> nn.Module:
+    """A head for a frozen ViT of width ``embed_dim`` (``knn``: the training-free kNN decoder)."""
+    if decoder == "knn":
+        from .knn_decoder import KnnHead
+
+        return KnnHead(num_classes=num_classes, k=knn_k, guided_filter_radius=guided_filter)
     if decoder == "linear":
         return LinearHead(in_channels=embed_dim, num_classes=num_classes)
     if decoder == "unet":
         return PyramidUnetHead(embed_dim=embed_dim, num_classes=num_classes)
     if decoder == "upernet":
         return PyramidUperHead(embed_dim=embed_dim, num_classes=num_classes)
+    if decoder == "dpt":
+        return DptHead(embed_dim=embed_dim, num_classes=num_classes)
     raise ValueError(f"decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
 
 
 def vit_blocks_for(decoder: str, depth: int) -> list[int]:
-    """Blocks a decoder reads: the last one for ``linear``, four spread ones for the pyramid decoders."""
-    return [depth - 1] if decoder == "linear" else pyramid_block_indices(depth)
+    """Blocks a decoder reads: the last one for ``linear`` and ``knn``, four spread ones for the pyramid decoders."""
+    return [depth - 1] if decoder in ("linear", "knn") else pyramid_block_indices(depth)
 
 
 def build_segmenter(*, kind: str, num_classes: int, in_channels: int, decoder: str = "unet",
-                    backbone: nn.Module | None = None) -> tuple[nn.Module, nn.Module]:
+                    backbone: nn.Module | None = None, **head_options) -> tuple[nn.Module, nn.Module]:
     """(frozen feature extractor, trainable head) for ``kind`` in vit | spectral | supervised."""
     if kind == "vit":
         if backbone is None:
             raise ValueError("kind 'vit' needs a backbone")
         features = FrozenViTFeatures(backbone, blocks=vit_blocks_for(decoder, int(backbone.depth)))
-        return features, build_head(decoder=decoder, embed_dim=int(backbone.embed_dim), num_classes=num_classes)
+        return features, build_head(decoder=decoder, embed_dim=int(backbone.embed_dim), num_classes=num_classes, **head_options)
     if kind == "spectral":
         return PixelFeatures(), SpectralHead(in_channels=in_channels, num_classes=num_classes)
     if kind == "supervised":

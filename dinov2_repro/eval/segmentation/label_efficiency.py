@@ -12,8 +12,8 @@ import numpy as np
 from ...config import ConfigError
 from ...io.files import atomic_write_text
 from .data import SPLITS
-from .train import (ModelSpec, SegData, build_model, cached_features, check_tile, evaluate_head, fresh_head,
-                    input_normalisation, normalise, train_head)
+from .train import (ModelSpec, ObjectOptions, SegData, build_model, cached_features, check_tile, evaluate_head,
+                    fresh_head, input_normalisation, normalise, resolve_loss, train_head)
 
 
 def parse_n_labelled(text: str) -> list[int | None]:
@@ -44,14 +44,19 @@ def label_subsets(n_train: int, n_values: Sequence[int | None], seeds: Sequence[
 
 def run_label_efficiency(specs: Sequence[ModelSpec], data: SegData, *, n_values: Sequence[int | None], seeds: Sequence[int],
                          lr: float = 1e-3, iterations: int = 200, batch_size: int = 8, out_dir: Path | None = None,
-                         progress: bool = True) -> dict[str, Any]:
-    """Train every (model, n, seed) head on cached features; JSON (and PNG) under ``out_dir``."""
+                         progress: bool = True, loss: str | None = None, class_weights: str | None = None,
+                         objects: ObjectOptions = ObjectOptions()) -> dict[str, Any]:
+    """Train every (model, n, seed) head on cached features; JSON (and PNG) under ``out_dir``.
+    The loss (``--loss`` or the automatic rule) is chosen once from all training tiles, so every
+    subset and model trains with the same one."""
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ConfigError(f"model names must be unique, got {names}")
     subsets = label_subsets(len(data.labels["train"]), n_values, seeds)
+    choice = resolve_loss(data, loss=loss, class_weights=class_weights)
+    loss_fn = choice.build(num_classes=data.num_classes, ignore_index=data.ignore_index)
     counts = sorted({n for n, _ in subsets})
-    common = dict(num_classes=data.num_classes, ignore_index=data.ignore_index, class_names=data.class_names)
+    common = dict(num_classes=data.num_classes, ignore_index=data.ignore_index, class_names=data.class_names, objects=objects)
     models: dict[str, Any] = {}
     jobs = [(n, seed) for n in counts for seed in seeds]
     built = []
@@ -62,7 +67,11 @@ def run_label_efficiency(specs: Sequence[ModelSpec], data: SegData, *, n_values:
     for spec, features, meta in built:
         started = time.perf_counter()
         mean, std = input_normalisation(meta, data.images["train"])
-        feats = {s: cached_features(features, normalise(data.images[s], mean, std)) for s in ("train", "test")}
+        finetune = spec.train_backbone != "none"  # features recomputed every step, never cached
+        if finetune:
+            images = {s: normalise(data.images[s], mean, std) for s in ("train", "test")}
+        else:
+            feats = {s: cached_features(features, normalise(data.images[s], mean, std)) for s in ("train", "test")}
         runs: dict[str, Any] = {}
         iterator = jobs
         if progress:
@@ -72,24 +81,37 @@ def run_label_efficiency(specs: Sequence[ModelSpec], data: SegData, *, n_values:
         for n, seed in iterator:
             index = subsets[(n, seed)]
             head = fresh_head(spec, features, in_channels=data.in_channels, num_classes=data.num_classes, seed=seed)
-            train_head(head, [f[index] for f in feats["train"]], data.labels["train"][index], ignore_index=data.ignore_index,
-                       iterations=iterations, lr=lr, batch_size=batch_size, seed=seed)
-            test = evaluate_head(head, feats["test"], data.labels["test"], **common)
+            if finetune:
+                from .finetune import fresh_features, train_end_to_end, unfreeze
+
+                trainable = unfreeze(features, spec.train_backbone)  # every job starts from the pretrained backbone
+                train_end_to_end(trainable, head, images["train"][index], data.labels["train"][index], loss_fn=loss_fn,
+                                 ignore_index=data.ignore_index, iterations=iterations, lr=lr, layer_decay=spec.layer_decay,
+                                 batch_size=batch_size, seed=seed)
+                test = evaluate_head(head, fresh_features(trainable, images["test"]), data.labels["test"], **common)
+            else:
+                train_head(head, [f[index] for f in feats["train"]], data.labels["train"][index], ignore_index=data.ignore_index,
+                           iterations=iterations, lr=lr, batch_size=batch_size, seed=seed, loss_fn=loss_fn)
+                test = evaluate_head(head, feats["test"], data.labels["test"], **common)
             entry = runs.setdefault(str(n), {"miou": {}, "pixel_accuracy": {}, "per_class_iou": {}})
             entry["miou"][str(seed)] = test["miou"]
             entry["pixel_accuracy"][str(seed)] = test["pixel_accuracy"]
             entry["per_class_iou"][str(seed)] = test["per_class_iou"]
-            if "f1" in test:
-                entry.setdefault("f1", {})[str(seed)] = test["f1"]
+            for key in ("f1", "recall", "precision"):
+                if key in test:
+                    entry.setdefault(key, {})[str(seed)] = test[key]
+            if "objects" in test:
+                entry.setdefault("object_f1", {})[str(seed)] = test["objects"]["object_f1"]
         for entry in runs.values():
             values = np.array(list(entry["miou"].values()))
             entry.update(miou_mean=float(values.mean()), miou_std=float(values.std()),
                          miou_min=float(values.min()), miou_max=float(values.max()))
         models[spec.name] = {"kind": spec.kind, "backbone": spec.backbone, "decoder": spec.decoder if spec.kind in ("vit", "random_init") else None,
+                             "train_backbone": spec.train_backbone,
                              "runs": runs, "seconds": round(time.perf_counter() - started, 1)}
     test_support = np.bincount(data.labels["test"][data.labels["test"] != data.ignore_index].numpy(), minlength=data.num_classes)
     result = {"task": "seg_label_efficiency", "metric": "test mIoU", "data": data.data, "tile_px": data.tile,
-              "n_labelled": counts, "seeds": list(seeds), "lr": lr, "iterations": iterations,
+              "n_labelled": counts, "seeds": list(seeds), "lr": lr, "iterations": iterations, **choice.record(),
               "n_tiles": {s: len(data.labels[s]) for s in SPLITS},
               "test_classes": [name for name, c in zip(data.class_names, test_support) if c > 0],
               "models": models}

@@ -8,6 +8,7 @@ in the output, stored under the input's nodata value whenever it fits the int32 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -18,9 +19,12 @@ import torch
 
 from ...config import ConfigError
 from ...io.files import atomic_output
+from ...io.paths import files_in, refuse_overwriting_inputs
 from ...io.raster import RasterScaling, read_window
 from .data import check_bands, raster_valid
 from .train import load_run, normalise
+from .tta import tta_probabilities, tta_views
+from .vectors import StreamingPolygonWriter, vector_driver
 
 
 def tent_weights(size: int) -> np.ndarray:
@@ -52,14 +56,22 @@ def _output_nodata(input_nodata: float | None, class_values: list[int]) -> int:
 
 @torch.no_grad()
 def predict_scene(run_dir: str | os.PathLike, scene: str | os.PathLike, out: str | os.PathLike, *, overlap: float = 0.25,
-                  batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
-    """Write the class map of ``scene`` to ``out`` (GeoTIFF, class codes) plus ``out`` with .png (colour preview)."""
+                  batch_size: int = 16, progress: bool = True, tta: str = "none", vector: str | os.PathLike | None = None,
+                  vector_min_area_px: float = 0.0, vector_simplify: float = 0.0) -> dict[str, Any]:
+    """Write the class map of ``scene`` to ``out`` (GeoTIFF, class codes) plus ``out`` with .png
+    (colour preview), and with ``vector`` its polygons (vectors.py), built strip by strip."""
     import rasterio
 
-    features, head, record = load_run(Path(run_dir))
     scene, out = Path(scene), Path(out)
+    vector = Path(vector) if vector is not None else None
+    refuse_overwriting_inputs(outputs={"--out": out, "--out (its .png preview)": out.with_suffix(".png"), "--vector": vector},
+                              inputs={"--scene": scene, "--checkpoint": files_in(run_dir)})
+    if vector is not None:
+        vector_driver(vector)  # a wrong suffix fails before any work
+    features, head, record = load_run(Path(run_dir))
     if not scene.is_file():
         raise ConfigError(f"--scene {scene} does not exist")
+    tta_views(tta)  # an unknown mode fails before any work
     if not 0 <= overlap < 1:
         raise ConfigError(f"--overlap {overlap}: must be in [0, 1)")
     tile = int(record["tile"])
@@ -83,41 +95,61 @@ def predict_scene(run_dir: str | os.PathLike, scene: str | os.PathLike, out: str
         k = len(class_values)
         acc_width = max(width, tile)
         acc = np.zeros((k, tile, acc_width), dtype=np.float32)
+        weight_sum = np.zeros((tile, acc_width), dtype=np.float32)  # for the confidence of --vector
         iterator = rows
         if progress:
             from tqdm import tqdm
 
             iterator = tqdm(rows, desc=f"predict {scene.name}", unit="row")
-        with atomic_output(out, suffix=".tif") as tmp:
+        with atomic_output(out, suffix=".tif") as tmp, contextlib.ExitStack() as stack:
+            polygons = None
+            if vector is not None:
+                vector_tmp = stack.enter_context(atomic_output(vector, suffix=vector.suffix))
+                vector_tmp.unlink()  # GDAL creates the file itself
+                polygons = StreamingPolygonWriter(vector_tmp, transform=src.transform, crs=src.crs, width=width,
+                                                  nodata=out_nodata, min_area_px=vector_min_area_px, simplify=vector_simplify)
             with rasterio.open(tmp, "w", **profile) as dst:
                 for i, row in enumerate(iterator):
                     for start in range(0, len(cols), batch_size):
                         chunk = cols[start:start + batch_size]
                         windows = [read_window(scene, bands, (c, row, tile, tile), ranges) for c in chunk]
                         images = normalise(torch.from_numpy(np.stack(windows)), record["mean"], record["std"])
-                        probs = head(features(images), (tile, tile)).softmax(1).numpy() * weight
+                        guided = getattr(head, "training_free", False)  # kNN head: guided filter on the image
+                        probs = tta_probabilities(
+                            lambda x: head(features(x), (tile, tile), **({"guide": x} if guided else {})).softmax(1),
+                            images, mode=tta).numpy() * weight
                         for c, p in zip(chunk, probs):
                             acc[:, :, c:c + tile] += p[:, :, : acc_width - c]
+                            weight_sum[:, c:c + tile] += weight[:, : acc_width - c]
                     done = (rows[i + 1] if i + 1 < len(rows) else height) - row
-                    _write_rows(scene, dst, bands, acc[:, :done, :width], row, done, lookup, out_nodata)
+                    codes = _write_rows(scene, dst, bands, acc[:, :done, :width], row, done, lookup, out_nodata)
+                    if polygons is not None and codes is not None:
+                        confidence = acc[:, :len(codes), :width].max(0) / np.maximum(weight_sum[:len(codes), :width], 1e-12)
+                        polygons.add_strip(codes, confidence, row, last=i + 1 == len(rows))
                     acc = np.roll(acc, -done, axis=1)
                     acc[:, -done:] = 0
+                    weight_sum = np.roll(weight_sum, -done, axis=0)
+                    weight_sum[-done:] = 0
                 dst.update_tags(source_scene=str(scene), seg_run=str(run_dir), input_nodata=str(src.nodata))
+            n_polygons = polygons.close() if polygons is not None else None
     preview = write_preview(out, class_values)
-    return {"map": str(out), "preview": str(preview), "tile_px": tile, "stride_px": stride, "windows": len(rows) * len(cols),
+    return {"map": str(out), "preview": str(preview), "tile_px": tile, "stride_px": stride, "windows": len(rows) * len(cols), "tta": tta,
+            **({"vector": str(vector), "polygons": n_polygons} if vector is not None else {}),
             "nodata": out_nodata, "size": [height, width]}
 
 
-def _write_rows(scene: Path, dst, bands, scores: np.ndarray, row: int, count: int, lookup: np.ndarray, nodata: int) -> None:
-    """Rows ``row .. row + count`` of the map: argmax class codes, nodata where the input is."""
+def _write_rows(scene: Path, dst, bands, scores: np.ndarray, row: int, count: int, lookup: np.ndarray,
+                nodata: int) -> np.ndarray | None:
+    """Rows ``row .. row + count`` of the map: argmax class codes, nodata where the input is (returned too)."""
     from rasterio.windows import Window
 
     count = min(count, dst.height - row)
     if count <= 0:
-        return
+        return None
     codes = lookup[scores[:, :count].argmax(0)]
     codes[~raster_valid(scene, bands, (0, row, dst.width, count))] = nodata
     dst.write(codes[None].astype(np.int32), window=Window(0, row, dst.width, count))
+    return codes
 
 
 def write_preview(map_path: Path, class_values: list[int], *, max_side: int = 1024) -> Path:
