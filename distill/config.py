@@ -163,10 +163,15 @@ def _param_count(section: DictConfig) -> int:
 
 
 def resolve_method(cfg: DictConfig) -> str:
-    """``distill.method`` with ``auto`` resolved: features for a teacher file, heads otherwise."""
+    """``distill.method`` with ``auto`` resolved: heads for a run directory, a checkpoint or a
+    teacher bundle (``export --with-heads``), which carry the teacher's heads; features for a
+    backbone-only file (an export or a released checkpoint)."""
     method = str(cfg.distill.method)
     if method == "auto":
-        return "features" if Path(str(cfg.distill.teacher)).is_file() else "heads"
+        path = Path(str(cfg.distill.teacher))
+        if not path.is_file() or teacher_bundle_file(path) is not None:
+            return "heads"
+        return "features"
     return method
 
 

@@ -97,16 +97,16 @@ def _evidence(demo_image_folder, tmp_path_factory):
     return report
 
 
-# Negative result (issue #20): with the scratch student on the distilled student's own schedule
-# (before, it had a warmup longer than the run, a slower EMA that exported mostly its init and a
-# frozen last layer for 20 of 30 iterations), the scratch student is the closer one and probes
-# better. Measured (1 thread): land-cover kNN 0.890 distilled vs 0.910 scratch (before: 0.814),
-# CKA 0.888 vs 0.907 (before: 0.753), neighbour overlap 0.384 vs 0.398 (before: 0.350); at 100
-# student iterations the gap widens (kNN 0.906 vs 0.935, CKA 0.698 vs 0.829). Strict xfail: these
-# tests fail the suite the day distillation beats the equal-budget baseline, so the claim is
-# restored then, not silently.
-NEGATIVE = ("distillation does not beat an equal-schedule scratch student at 30 iterations "
-            "(issue #20; numbers in the comment above)")
+# With the scratch student on the distilled student's own schedule (before, it had a warmup longer
+# than the run, a slower EMA that exported mostly its init and a frozen last layer for 20 of 30
+# iterations) the result is mixed. Measured (1 thread, LayerScale init 1.0 on both students):
+# land-cover kNN 0.930 distilled vs 0.887 scratch, better on 5 of 5 splits; but the scratch
+# student is the closer one to the teacher: CKA 0.884 vs 0.872, neighbour overlap 0.480 vs 0.467.
+# (With LayerScale 1e-5 students the probe went the other way: 0.890 vs 0.910.) The closeness
+# tests are strict xfails: they fail the suite the day distillation wins there too, so the claim
+# is restored then, not silently.
+NEGATIVE = ("distilled student is not closer to the teacher than an equal-schedule scratch student "
+            "at 30 iterations (numbers in the comment above)")
 
 
 @pytest.mark.slow
@@ -118,10 +118,13 @@ def test_distilled_student_is_closer_to_the_teacher(evidence):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=NEGATIVE)
 def test_distilled_student_probes_better_than_scratch(evidence):
+    """Same schedule, same budget: the distilled student's land-cover kNN beats the scratch
+    student's by 0.02 on average and on at least 4 of the 5 held-out splits."""
     distilled, scratch = evidence["distilled"], evidence["scratch"]
-    assert distilled["landcover_knn_top1"] > scratch["landcover_knn_top1"], evidence
+    assert distilled["landcover_knn_top1"] >= scratch["landcover_knn_top1"] + 0.02, evidence
+    wins = sum(d > s for d, s in zip(distilled["per_split_top1"], scratch["per_split_top1"]))
+    assert wins >= 4, evidence
 
 
 @pytest.mark.slow
