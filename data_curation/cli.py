@@ -37,34 +37,16 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     add_launcher_arguments(parser)
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    from dinov2_repro.config import ConfigError
-
-    if args.shards < 1:
-        raise ConfigError(f"--shards={args.shards}: must be >= 1")
-    if args.array_parallelism is not None and args.array_parallelism < 1:
-        raise ConfigError(f"--array-parallelism={args.array_parallelism}: must be >= 1")
-    if args.nproc != 1 or args.nodes != 1:
-        raise ConfigError(f"--nproc={args.nproc} --nodes={args.nodes}: curate runs one process per task; "
-                          f"use --shards (tasks per array) and --array-parallelism instead")
-
-
 def run_curate(args: argparse.Namespace) -> int:
-    """Run one stage (or all); a bad config raises ConfigError, a bad input FileNotFoundError/ValueError."""
+    """Parse, then call :func:`dinov2_repro.api.curate`; a bad config raises ConfigError, a bad
+    input FileNotFoundError/ValueError."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its import chatter is not curation news
-    from dinov2_repro.config import resolve_config_file
+    from dinov2_repro import api
     from dinov2_repro.launch.options import options_from_args
 
-    from .config import load_curation_config
-    from .runner import run
-
-    _check_args(args)
-    overrides = list(args.overrides) + ([f"embed.from_embeddings={args.from_embeddings}"] if args.from_embeddings else [])
-    cfg = load_curation_config(resolve_config_file(args.config_file, recipes="curation"), overrides)
-    stages = PIPELINE if args.stage == "all" else [args.stage]
-    run(cfg, stages, launcher=args.launcher, num_shards=args.shards, array_parallelism=args.array_parallelism,
-        options=options_from_args(args), dry_run=args.dry_run)
+    api.curate(args.stage, args.config_file, args.overrides, shards=args.shards, launcher=options_from_args(args),
+               array_parallelism=args.array_parallelism, from_embeddings=args.from_embeddings, dry_run=args.dry_run)
     return 0
 
 

@@ -21,16 +21,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import load_distill_config, run_distillation
+    """Parse, then call :func:`dinov2_repro.api.distill` (it checks config and teacher before launching)."""
+    from dinov2_repro import api
+    from dinov2_repro.launch.options import options_from_args
 
-    # Validates the config and the teacher checkpoint before launching anything.
-    cfg = load_distill_config(args.config_file, args.overrides, teacher=args.teacher)
+    result = api.distill(args.config_file, args.overrides, teacher=args.teacher, launcher=options_from_args(args))
     if args.launcher != "none":
-        from dinov2_repro.launch.dispatch import launch_command
-        from dinov2_repro.launch.options import options_from_args
-
-        child = ["distill", *(["--config-file", args.config_file] if args.config_file else []),
-                 *(["--teacher", args.teacher] if args.teacher else []), *args.overrides]
-        return launch_command(child, options_from_args(args))
-    print(json.dumps(run_distillation(cfg)))
+        return result["exit_code"]
+    print(json.dumps(result))
     return 0

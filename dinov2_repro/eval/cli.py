@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -129,61 +128,26 @@ def _ints(text: str | None, option: str) -> list[int] | None:
 
 
 def run_seg(args: argparse.Namespace) -> dict:
-    from .segmentation.train import ModelSpec, ObjectOptions, prepare_data, run_segmentation
+    """Turn the command line into Python values, then call :func:`dinov2_repro.api.eval_seg`."""
+    from .. import api
 
-    if args.n_labelled and (args.tta != "none" or args.guided_filter):
-        raise ConfigError("--tta and --guided-filter apply to single runs, not to label efficiency (--n-labelled)")
-    out_dir = Path(args.out_dir) if args.out_dir else None
-    if args.expand_bands:  # the format is checked before any data is read; the band numbers once it is
-        from ..band_expansion import parse_band_expansion
-
-        try:
-            parse_band_expansion(args.expand_bands)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-    # The shipped example writes its 6-band stack into the run directory (a temporary one without --out-dir).
-    workdir = out_dir or Path(tempfile.mkdtemp(prefix="dinov2_repro_seg_"))
-    data = prepare_data(data=args.data, workdir=workdir, tile=args.tile,
-                        bands=_ints(args.bands, "--bands"), classes=_ints(args.classes, "--classes"),
-                        class_names=args.class_names.split(",") if args.class_names else None,
-                        ignore_index=args.ignore_index, split_seed=args.split_seed)
-    kind = "vit" if args.backbone else "supervised"
-    if args.expand_bands and not args.backbone:
-        raise ConfigError("--expand-bands needs --backbone (it expands that backbone's RGB patch embedding)")
-    if args.decoder == "knn" and not args.backbone:
-        raise ConfigError("--decoder knn needs --backbone (it votes with the backbone's patch features)")
-    knn = {"knn_k": args.knn_k, "guided_filter": args.guided_filter, "train_backbone": args.train_backbone,
-           "layer_decay": args.layer_decay, "expand_bands": args.expand_bands or None}
-    main_spec = ModelSpec(name=args.name, kind=kind, backbone=str(args.backbone) if args.backbone else None, decoder=args.decoder,
-                          **knn)
-    if not args.n_labelled:
-        return run_segmentation(main_spec, data, out_dir=out_dir, lrs=_floats(args.lrs, "--lrs"), iterations=args.iterations,
-                                batch_size=args.batch_size, seed=args.seed, loss=args.loss, class_weights=args.class_weights,
-                                objects=ObjectOptions(args.iou, args.min_area_px, tuple(_floats(args.size_bins, "--size-bins"))),
-                                tta=args.tta)
-    from .segmentation.label_efficiency import parse_n_labelled, run_label_efficiency
-
-    specs = [main_spec]
+    compare = {}
     for item in args.compare:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--compare {item}: expected NAME=BACKBONE.safetensors")
-        specs.append(ModelSpec(name=name, kind="vit", backbone=path, decoder=args.decoder, **knn))
-    for baseline in [b for b in args.baselines.split(",") if b]:
-        if baseline == "random_init":
-            if not args.backbone:
-                raise ConfigError("--baselines random_init needs --backbone (it rebuilds that architecture)")
-            specs.append(ModelSpec(name="random_init", kind="random_init", backbone=str(args.backbone), decoder=args.decoder,
-                                   **knn))
-        elif baseline in ("spectral", "supervised"):
-            specs.append(ModelSpec(name=baseline, kind=baseline))
-        else:
-            raise ConfigError(f"--baselines: unknown baseline {baseline!r}; choose from random_init, spectral, supervised")
-    return run_label_efficiency(specs, data, n_values=parse_n_labelled(args.n_labelled),
-                                seeds=_ints(args.seeds, "--seeds") or [0], lr=_floats(args.lrs, "--lrs")[0],
-                                iterations=args.iterations, batch_size=args.batch_size, out_dir=out_dir,
-                                loss=args.loss, class_weights=args.class_weights,
-                                objects=ObjectOptions(args.iou, args.min_area_px, tuple(_floats(args.size_bins, "--size-bins"))))
+        compare[name] = path
+    return api.eval_seg(
+        args.data, args.backbone, out_dir=args.out_dir, decoder=args.decoder, name=args.name, tile=args.tile,
+        bands=_ints(args.bands, "--bands"), classes=_ints(args.classes, "--classes"),
+        class_names=args.class_names.split(",") if args.class_names else None, ignore_index=args.ignore_index,
+        split_seed=args.split_seed, lrs=_floats(args.lrs, "--lrs"), iterations=args.iterations,
+        batch_size=args.batch_size, seed=args.seed, loss=args.loss, class_weights=args.class_weights, tta=args.tta,
+        knn_k=args.knn_k, guided_filter=args.guided_filter, train_backbone=args.train_backbone,
+        layer_decay=args.layer_decay, expand_bands=args.expand_bands, iou=args.iou, min_area_px=args.min_area_px,
+        size_bins=_floats(args.size_bins, "--size-bins"), n_labelled=args.n_labelled,
+        seeds=_ints(args.seeds, "--seeds") or [0], compare=compare,
+        baselines=[b for b in args.baselines.split(",") if b])
 
 
 def _add_object_arguments(p: argparse.ArgumentParser) -> None:

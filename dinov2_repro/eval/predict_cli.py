@@ -7,11 +7,11 @@ from pathlib import Path
 
 
 def _run_predict_seg(args: argparse.Namespace) -> int:
-    from .segmentation.predict import predict_scene
+    from .. import api
 
-    result = predict_scene(args.checkpoint, args.scene, args.out, overlap=args.overlap, batch_size=args.batch_size,
-                           tta=args.tta, vector=args.vector, vector_min_area_px=args.vector_min_area_px,
-                           vector_simplify=args.vector_simplify)
+    result = api.predict_seg(args.checkpoint, args.scene, args.out, overlap=args.overlap, batch_size=args.batch_size,
+                             tta=args.tta, vector=args.vector, vector_min_area_px=args.vector_min_area_px,
+                             vector_simplify=args.vector_simplify)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -54,9 +54,10 @@ def run_plan(args: argparse.Namespace) -> int:
 
     refuse_overwriting_inputs(outputs={"--out": args.out},
                               inputs={"--config-file": args.config_file, "--teacher-config": args.teacher_config})
-    plan = plan_from_args(config_file=args.config_file, overrides=list(args.overrides), nodes=args.nodes,
-                          gpus_per_node=args.gpus_per_node, gpu=args.gpu, mfu=args.mfu,
-                          teacher_config=args.teacher_config)
+    from .. import api
+
+    plan = api.plan(args.config_file, list(args.overrides), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                    gpu=args.gpu, mfu=args.mfu, teacher_config=args.teacher_config)
     from .report import format_plan
 
     print(format_plan(plan))

@@ -19,26 +19,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..config import load_config, resolve_config_file
-
-    config_file = resolve_config_file(args.config_file, recipes="train")
-    cfg = load_config(config_file, args.overrides)  # validate before launching anything
+    """Parse, then call :func:`dinov2_repro.api.train` (``--dry-run`` describes the launch instead)."""
     if getattr(args, "dry_run", False):
+        from ..config import load_config, resolve_config_file
         from ..plan.cli import print_dry_run
 
+        config_file = resolve_config_file(args.config_file, recipes="train")
+        cfg = load_config(config_file, args.overrides)
         child = ["train", *(["--config-file", str(config_file)] if config_file else []), *args.overrides]
         return print_dry_run(cfg, child, args)
+    from dinov2_repro import api
+    from dinov2_repro.launch.options import options_from_args
+
+    result = api.train(args.config_file, args.overrides, launcher=options_from_args(args))
     if args.launcher != "none":
-        from .validate import validate_train_config
-
-        validate_train_config(cfg)  # fail here, not in every rank
-        from dinov2_repro.launch.dispatch import launch_command
-        from dinov2_repro.launch.options import options_from_args
-
-        child = ["train", *(["--config-file", str(config_file)] if config_file else []), *args.overrides]
-        return launch_command(child, options_from_args(args))
-    from .pretrain import run_ssl_training
-
-    result = run_ssl_training(cfg)
+        return result["exit_code"]
     print(json.dumps(result))
     return 0
