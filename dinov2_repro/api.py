@@ -187,11 +187,15 @@ def eval_seg(data: str, backbone: PathLike | None = None, *, out_dir: PathLike |
         out_dir: the run directory (``seg_run.json``, ``head.safetensors``, ``metrics.json``),
             which :func:`predict_seg` reads; None: nothing is saved.
         decoder: ``linear``, ``unet``, ``upernet``, ``dpt`` or ``knn`` (training-free).
-        bands: 1-based bands to read, in order; classes / class_names: the mask codes and names.
+        bands: 1-based bands to read, in order.
+        classes: the mask codes that are classes, in order (default: those found).
+        class_names: one name per class.
         lrs: learning rates swept (best on val); label efficiency uses the first.
         n_labelled: e.g. ``"2,8,all"`` or ``[2, 8, None]``: label efficiency over ``seeds``,
             with ``compare`` ({name: backbone file}) and ``baselines``.
-        Other arguments: as the ``dinov2-repro eval seg`` options of the same name.
+
+    The other arguments are the ``dinov2-repro eval seg`` options of the same name
+    (``docs/evaluation.md`` and ``docs/segmentation.md``).
 
     Returns:
         The metrics (test mIoU, per-class IoU, pixel accuracy, ...), or the label-efficiency table.
@@ -278,7 +282,8 @@ def plan(config: PathLike, overrides: Sequence[str] = (), *, nodes: int = 1, gpu
         config: a training YAML (a path or a shipped recipe name), or a distillation YAML
             together with ``teacher_config`` (the teacher's training YAML).
         overrides: ``key=value`` strings.
-        nodes, gpus_per_node: the planned world size.
+        nodes: nodes of the planned cluster.
+        gpus_per_node: GPUs per node (the world size is nodes x gpus_per_node).
         gpu: ``a100-40gb``, ``a100-80gb``, ``h100-80gb``, ``h200`` or ``custom:TFLOPS,GB``.
         mfu: model-FLOPs utilisation; None uses the one implied by the paper's ViT-g GPU-hours.
 

@@ -1,13 +1,15 @@
-"""Every ``dinov2-repro`` command line the READMEs show must work as written.
+"""Every ``dinov2-repro`` command line the READMEs and the docs show must work as written.
 
-Commands are found generically (fenced code blocks and inline code of README.md and
-data_curation/README.md), so a section added later is covered without touching this file.
+Commands are found generically (fenced code blocks and inline code of README.md,
+data_curation/README.md and every page under docs/), so a section or page added later is covered
+without touching this file.
 Cheap commands run for real; those of the verbs in EXPENSIVE_VERBS are dry-run: the line is
 parsed by the real CLI parser (flags, sub-verbs, overrides anywhere) and its config is loaded
 and validated (every key, every type) the way the verb would, without training or curating.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -18,9 +20,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-READMES = [ROOT / "README.md", ROOT / "data_curation" / "README.md"]
+READMES = [ROOT / "README.md", ROOT / "data_curation" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Verbs that take minutes or need data a reader supplies: dry-run instead of run.
-EXPENSIVE_VERBS = {"train", "curate", "demo", "export", "eval", "distill", "predict", "plan"}
+# (tests/test_newcomer.py runs the README's CPU quick starts for real.)
+EXPENSIVE_VERBS = {"train", "curate", "demo", "export", "eval", "distill", "predict", "plan", "import-weights"}
 FENCE = re.compile(r"```[a-z]*\n(.*?)```", re.S)
 INLINE = re.compile(r"`(dinov2-repro(?: [^`]*)?)`")
 
@@ -38,16 +41,21 @@ def readme_commands() -> list[tuple[str, str]]:
         without_blocks = FENCE.sub("", text)
         lines += INLINE.findall(without_blocks)
         for line in lines:
-            if line.startswith("dinov2-repro") and (readme.name, line) not in found:
-                found.append((readme.relative_to(ROOT).as_posix(), line))
+            name = readme.relative_to(ROOT).as_posix()
+            if line.startswith("dinov2-repro") and (name, line) not in found:
+                found.append((name, line))
     return found
 
 
 PLACEHOLDER = re.compile(r"<[^<>\s]+>")  # e.g. configs/train/<experiment>.yaml: a value the reader picks
 
 
+ALTERNATIVES = re.compile(r"[a-z][a-z_-]*(?:\|[a-z][a-z_-]*)+")  # `curate tile|embed|...`: one of these words
+
+
 def _argv(line: str) -> list[str]:
     argv = shlex.split(os.path.expandvars(line), comments=True)[1:]
+    argv = [token.split("|")[0] if ALTERNATIVES.fullmatch(token) else token for token in argv]
     # Prose names a verb on its own (`dinov2-repro export`): that verb must at least answer --help.
     if argv and len(argv) <= 2 and all(re.fullmatch(r"[a-z][a-z_-]*", token) for token in argv):
         argv.append("--help")
@@ -75,6 +83,14 @@ def _validate_config(args) -> None:
         load_curation_config(resolve_config_file(args.config_file, recipes="curation"), args.overrides)
 
 
+@functools.lru_cache(maxsize=None)
+def _run_cli(argv: tuple[str, ...]) -> tuple[int, str]:
+    """Run a cheap command once, however many pages show it."""
+    done = subprocess.run([sys.executable, "-m", "dinov2_repro.cli", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return done.returncode, done.stderr
+
+
 COMMANDS = readme_commands()
 
 
@@ -91,9 +107,8 @@ def test_readme_command(readme: str, line: str, monkeypatch: pytest.MonkeyPatch)
 
     is_help = bool({"-h", "--help"} & set(argv))
     if not argv or is_help or argv[0] not in EXPENSIVE_VERBS:
-        done = subprocess.run([sys.executable, "-m", "dinov2_repro.cli", *argv], cwd=ROOT, capture_output=True,
-                              text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert done.returncode == 0, f"{readme}: `{line}` failed:\n{done.stderr[-2000:]}"
+        returncode, stderr = _run_cli(tuple(argv))
+        assert returncode == 0, f"{readme}: `{line}` failed:\n{stderr[-2000:]}"
         return
     try:
         args = parse_args(build_parser(), argv)
@@ -104,9 +119,12 @@ def test_readme_command(readme: str, line: str, monkeypatch: pytest.MonkeyPatch)
         _validate_config(args)
 
 
+LAYOUT_PAGE = ROOT / "docs" / "development.md"
+
+
 def test_layout_section_matches_the_tree() -> None:
-    """Every path the README's Layout table names exists, and every package folder is named."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    """Every path the Layout table of docs/development.md names exists, and every package folder is named."""
+    text = LAYOUT_PAGE.read_text(encoding="utf-8")
     section = text.split("\n## Layout", 1)[1].split("\n## ", 1)[0]
     named: set[Path] = set()
     for row in section.splitlines():
@@ -117,8 +135,8 @@ def test_layout_section_matches_the_tree() -> None:
         base = first if first.is_dir() else first.parent
         for token in tokens:
             found = next((p for p in (ROOT / token, base / token) if p.exists()), None)
-            assert found is not None, f"README Layout names {token!r} (row: {row[:60]}...) but it does not exist"
+            assert found is not None, f"docs/development.md Layout names {token!r} (row: {row[:60]}...) but it does not exist"
             named.add(found.resolve())
     folders = [p for p in (ROOT / "dinov2_repro").iterdir() if (p / "__init__.py").is_file() or p.name == "configs"]
     unnamed = [p.name for p in folders if p.resolve() not in named]
-    assert not unnamed, f"README Layout does not name dinov2_repro/{unnamed}"
+    assert not unnamed, f"docs/development.md Layout does not name dinov2_repro/{unnamed}"
