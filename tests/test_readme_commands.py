@@ -13,8 +13,6 @@ import functools
 import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -47,14 +45,14 @@ def readme_commands() -> list[tuple[str, str]]:
     return found
 
 
-PLACEHOLDER = re.compile(r"<[^<>\s]+>")  # e.g. configs/train/<experiment>.yaml: a value the reader picks
+PLACEHOLDER = re.compile(r"<[^<>]+>")  # e.g. configs/train/<experiment>.yaml, --teacher <backbone file>: the reader's value
 
 
 ALTERNATIVES = re.compile(r"[a-z][a-z_-]*(?:\|[a-z][a-z_-]*)+")  # `curate tile|embed|...`: one of these words
 
 
 def _argv(line: str) -> list[str]:
-    argv = shlex.split(os.path.expandvars(line), comments=True)[1:]
+    argv = shlex.split(PLACEHOLDER.sub("PLACEHOLDER", os.path.expandvars(line)), comments=True)[1:]
     argv = [token.split("|")[0] if ALTERNATIVES.fullmatch(token) else token for token in argv]
     # Prose names a verb on its own (`dinov2-repro export`): that verb must at least answer --help.
     if argv and len(argv) <= 2 and all(re.fullmatch(r"[a-z][a-z_-]*", token) for token in argv):
@@ -85,10 +83,20 @@ def _validate_config(args) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _run_cli(argv: tuple[str, ...]) -> tuple[int, str]:
-    """Run a cheap command once, however many pages show it."""
-    done = subprocess.run([sys.executable, "-m", "dinov2_repro.cli", *argv], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return done.returncode, done.stderr
+    """Run a cheap command (help, info) once, however many pages show it: through the CLI's own
+    entry point in this process (a subprocess per line would mostly time torch's import)."""
+    import contextlib
+    import io
+
+    from dinov2_repro.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as exit_:  # --help
+            code = exit_.code or 0
+    return int(code), err.getvalue()
 
 
 COMMANDS = readme_commands()
