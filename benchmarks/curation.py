@@ -136,7 +136,7 @@ def run_dedup(n: int, *, dim: int = 384, k: int = 64, threshold: float = 0.6, np
 
 
 def run_quality_part(quick: bool, workdir: Path, splits: list[str], per_kind: int | None = None,
-                     max_tiles_per_scene: int | None = None) -> dict:
+                     max_tiles_per_scene: int | None = None, methods: tuple[str, ...] = ()) -> dict:
     """The near-duplicate quality experiment (benchmarks/curation_quality.py) per split."""
     from curation_quality import run_split
 
@@ -145,7 +145,8 @@ def run_quality_part(quick: bool, workdir: Path, splits: list[str], per_kind: in
     sizes.update({k: v for k, v in (("per_kind", per_kind), ("max_tiles_per_scene", max_tiles_per_scene)) if v})
     # One thread on a shared machine: a second OpenMP thread spin-waits when the cores are busy.
     threads = os.environ.get("BENCH_THREADS", "2")
-    return {split: run_split(workdir, split, steps=steps, overrides=(f"num_threads={threads}",), **sizes) for split in splits}
+    return {split: run_split(workdir, split, steps=steps, overrides=(f"num_threads={threads}",), methods=methods, **sizes)
+            for split in splits}
 
 
 def verification_cost(tiles_used: int = 24, partners: int = 8, seed: int = 0) -> dict:
@@ -297,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tiles-per-scene", type=int, default=None, help="tiles per scene (default 60, 8 with --quick)")
     parser.add_argument("--coarse-candidates", type=int, default=None, help="verify-speed: dedup.verify.coarse_candidates "
                         "of the coarse-to-fine run (default: the config default)")
+    parser.add_argument("--methods", nargs="+", choices=["exact", "coarse_to_fine"], default=None,
+                        help="quality: run the dedup stage once per dedup.verify.method on the same embeddings")
     args = parser.parse_args(argv)
     result = json.loads(args.output.read_text()) if args.output.is_file() else {}
     result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
@@ -317,7 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("verify-speed", "all"):
         result["verification_speed"] = verification_throughput(coarse_candidates=args.coarse_candidates)
         print(json.dumps(result["verification_speed"], indent=1))
-    if args.part in ("quality", "all"):
+    if args.part == "quality" and args.methods:  # verification methods side by side on the same embedded pools
+        q = run_quality_part(args.quick, args.workdir, args.splits, args.per_kind, args.max_tiles_per_scene, tuple(args.methods))
+        keys = ("pool", "candidates", "verified_edges", "pair_precision", "pair_recall_required_kinds", "false_removal_rate", "timing")
+        result["quality_by_verify_method"] = {
+            "command": "python benchmarks/curation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "splits": q, "summary": {split: {m: {k: r[k] for k in keys} for m, r in by.items()} for split, by in q.items()}}
+        print(json.dumps(result["quality_by_verify_method"]["summary"], indent=1))
+    elif args.part in ("quality", "all"):
         q = run_quality_part(args.quick, args.workdir, args.splits, args.per_kind, args.max_tiles_per_scene)
         if "results" in result.get("quality", {}):
             result["quality"] = {}  # the pre-verification experiment's numbers are superseded

@@ -1,4 +1,4 @@
-"""Coarse-to-fine pixel verification: the alignment search of ``verify.align_exact``, ~10x cheaper.
+"""Coarse-to-fine pixel verification: the alignment search of ``verify.align_exact``, 5-7x cheaper.
 
 The exact search computes a full-resolution masked-NCC map for each of the 88 (scale, which image
 is the crop, pose) combinations of a pair, with seven 128 x 128 FFTs per map. Almost all of them
