@@ -136,7 +136,7 @@ def run_dedup(n: int, *, dim: int = 384, k: int = 64, threshold: float = 0.6, np
 
 
 def run_quality_part(quick: bool, workdir: Path, splits: list[str], per_kind: int | None = None,
-                     max_tiles_per_scene: int | None = None) -> dict:
+                     max_tiles_per_scene: int | None = None, methods: tuple[str, ...] = ()) -> dict:
     """The near-duplicate quality experiment (benchmarks/curation_quality.py) per split."""
     from curation_quality import run_split
 
@@ -145,7 +145,8 @@ def run_quality_part(quick: bool, workdir: Path, splits: list[str], per_kind: in
     sizes.update({k: v for k, v in (("per_kind", per_kind), ("max_tiles_per_scene", max_tiles_per_scene)) if v})
     # One thread on a shared machine: a second OpenMP thread spin-waits when the cores are busy.
     threads = os.environ.get("BENCH_THREADS", "2")
-    return {split: run_split(workdir, split, steps=steps, overrides=(f"num_threads={threads}",), **sizes) for split in splits}
+    return {split: run_split(workdir, split, steps=steps, overrides=(f"num_threads={threads}",), methods=methods, **sizes)
+            for split in splits}
 
 
 def verification_cost(tiles_used: int = 24, partners: int = 8, seed: int = 0) -> dict:
@@ -170,6 +171,99 @@ def verification_cost(tiles_used: int = 24, partners: int = 8, seed: int = 0) ->
             "load_average": os.getloadavg()[0]}
 
 
+def verification_throughput(*, tiles_per_scene: int = 12, partners: int = 16, rounds: int = 2, seed: int = 0,
+                            coarse_candidates: int | None = None) -> dict:
+    """Pixel verification, exact search vs coarse-to-fine, on the SAME pairs in the same run: CPU ms
+    per aligned pair (one thread), pairs/s per core, and how far the results agree.
+
+    Tiles of four shipped scenes, a planted copy (one of eight kinds, curation_quality.py) of every
+    third tile; pairs: every tile with ``partners`` random tiles of its own scene (look-alike
+    non-copies), every copy with its source and with ``partners // 2`` tiles of the scene. Each
+    method runs ``rounds`` times alternately, each time with empty caches; the median counts (a
+    shared machine's load changes during the run). Decisions: normalised scores (background.py,
+    background from the same pairs) above a threshold, compared at several thresholds."""
+    from curation_quality import TILE, load_scene, make_copy, _shifted
+    from dinov2_repro.curation.background import score_pairs
+    from dinov2_repro.curation.images import to_unit
+    from dinov2_repro.curation.verify import VerifyParams, verify_pairs
+
+    rng = np.random.default_rng(seed)
+    images, scene_of, copies = [], [], []  # copies: (source, copy index, kind)
+    kinds = ("colour", "rot90", "hflip", "noise", "crop75", "half_res", "crop60", "shift25")
+    for s_i, name in enumerate(("grass", "brick", "rmnp", "coins")):
+        scene = load_scene(name)
+        _, h, w = scene.shape
+        spots = []
+        while len(spots) < tiles_per_scene:
+            y, x = int(rng.integers(0, h - TILE + 1)), int(rng.integers(0, w - TILE + 1))
+            if np.isfinite(scene[:, y : y + TILE, x : x + TILE]).all():
+                spots.append((y, x))
+        for t, (y, x) in enumerate(spots):
+            images.append(to_unit(scene[:, y : y + TILE, x : x + TILE]))
+            scene_of.append(s_i)
+            if t % 3 == 0:
+                kind = kinds[len(copies) % len(kinds)]
+                if kind == "shift25":
+                    where = _shifted(scene, y, x, 0.25, rng)
+                    if where is None:
+                        continue
+                    copy = to_unit(scene[:, where[0] : where[0] + TILE, where[1] : where[1] + TILE])
+                else:
+                    copy = make_copy(kind, images[-1], rng)[0]
+                copies.append((len(images) - 1, len(images), kind))
+                images.append(copy.astype(np.float32))
+                scene_of.append(s_i)
+    scene_of = np.array(scene_of)
+    pairs = set()
+    for i in range(len(images)):
+        same = np.flatnonzero(scene_of == scene_of[i])
+        is_copy = any(c == i for _, c, _ in copies)
+        for j in rng.choice(same[same != i], min(partners // 2 if is_copy else partners, len(same) - 1), replace=False):
+            pairs.add((min(i, int(j)), max(i, int(j))))
+    planted = {(min(a, c), max(a, c)): kind for a, c, kind in copies}
+    pairs |= set(planted)
+    pairs = np.array(sorted(pairs), dtype=np.int64)
+    src, dst = pairs[:, 0], pairs[:, 1]
+    is_planted = np.array([(int(a), int(b)) in planted for a, b in pairs])
+    # A tile and the copy of another tile of the same scene may overlap: only planted pairs count as copies,
+    # pairs of two different planted groups as non-copies; others (a copy vs. its source's neighbours) are
+    # left out of the precision count.
+    params = {"exact": VerifyParams(method="exact"),
+              "coarse_to_fine": VerifyParams(**({"coarse_candidates": coarse_candidates} if coarse_candidates else {}))}
+    cpu_ms = {m: [] for m in params}
+    results = {}
+    for _ in range(rounds):
+        for method, p in params.items():
+            start = time.process_time()
+            _, alignments = verify_pairs(src, dst, lambda i: images[i], p)
+            cpu_ms[method].append(1000 * (time.process_time() - start) / len(src))
+            results[method] = alignments
+    exact, fast = results["exact"], results["coarse_to_fine"]
+    same = np.array([(a.dihedral, a.scale, a.crop_is, a.shift) == (b.dihedral, b.scale, b.crop_is, b.shift)
+                     and abs(a.peak - b.peak) < 1e-4 for a, b in zip(exact, fast)])
+    deficit = np.array([a.peak - b.peak for a, b in zip(exact, fast)])
+    scores = {m: score_pairs(src, dst, results[m], rank=2, weight=0.5) for m in params}
+    decisions = {}
+    for threshold in (0.45, 0.5, 0.55, 0.6):
+        d = {m: scores[m] > threshold for m in params}
+        decisions[f"{threshold:.2f}"] = {
+            "flips": int((d["exact"] != d["coarse_to_fine"]).sum()),
+            **{f"{m}_planted_recall": round(float(d[m][is_planted].mean()), 4) for m in params},
+            **{f"{m}_false_positives": int(d[m][~is_planted].sum()) for m in params}}
+    ms = {m: float(np.median(v)) for m, v in cpu_ms.items()}
+    return {"pairs": int(len(src)), "images": len(images), "planted_pairs": int(is_planted.sum()),
+            "pairs_per_image": round(2 * len(src) / len(images), 1), "threads": 1, "rounds": rounds,
+            "work_size": VerifyParams().work_size, "coarse_candidates": params["coarse_to_fine"].coarse_candidates,
+            "cpu_ms_per_pair": {m: round(v, 2) for m, v in ms.items()},
+            "cpu_ms_per_pair_each_round": {m: [round(x, 2) for x in v] for m, v in cpu_ms.items()},
+            "pairs_per_s_per_core": {m: round(1000 / v, 1) for m, v in ms.items()},
+            "speedup": round(ms["exact"] / ms["coarse_to_fine"], 2),
+            "same_alignment_fraction": round(float(same.mean()), 4),
+            "same_alignment_fraction_planted": round(float(same[is_planted].mean()), 4),
+            "peak_deficit_quantiles_50_90_99_max": [round(float(q), 4) for q in np.quantile(deficit, [0.5, 0.9, 0.99, 1.0])],
+            "decisions_by_threshold": decisions, "load_average": os.getloadavg()}
+
+
 def project_1m(ms_per_pair: float, result: dict) -> dict:
     """Projected verification time for a 1M pool, two ways: (1) the 1M kNN benchmark's pairs above
     its cosine threshold (synthetic embeddings: a lower bound), (2) the pairs the pipeline aligned per
@@ -189,7 +283,7 @@ def project_1m(ms_per_pair: float, result: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["dedup", "quality", "verify-cost", "all"], default="dedup")
+    parser.add_argument("--part", choices=["dedup", "quality", "verify-cost", "verify-speed", "all"], default="dedup")
     parser.add_argument("--quick", action="store_true", help="small smoke run (tests)")
     parser.add_argument("--nprobe", type=int, default=8, help="IVF lists scanned per query (the curate stage's dedup.nprobe)")
     parser.add_argument("--n", type=int, default=None, help="pool size (default 1M, 20k with --quick)")
@@ -202,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
                              "one drove a design change), fresh = new scenes plus copy types calibration never makes")
     parser.add_argument("--per-kind", type=int, default=None, help="planted copies per kind (default 15, 3 with --quick)")
     parser.add_argument("--max-tiles-per-scene", type=int, default=None, help="tiles per scene (default 60, 8 with --quick)")
+    parser.add_argument("--coarse-candidates", type=int, default=None, help="verify-speed: dedup.verify.coarse_candidates "
+                        "of the coarse-to-fine run (default: the config default)")
+    parser.add_argument("--methods", nargs="+", choices=["exact", "coarse_to_fine"], default=None,
+                        help="quality: run the dedup stage once per dedup.verify.method on the same embeddings")
     args = parser.parse_args(argv)
     result = json.loads(args.output.read_text()) if args.output.is_file() else {}
     result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
@@ -219,7 +317,17 @@ def main(argv: list[str] | None = None) -> int:
         cost.update(project_1m(cost["ms_per_pair"], result))
         result["verification_cost"] = cost
         print(json.dumps(cost))
-    if args.part in ("quality", "all"):
+    if args.part in ("verify-speed", "all"):
+        result["verification_speed"] = verification_throughput(coarse_candidates=args.coarse_candidates)
+        print(json.dumps(result["verification_speed"], indent=1))
+    if args.part == "quality" and args.methods:  # verification methods side by side on the same embedded pools
+        q = run_quality_part(args.quick, args.workdir, args.splits, args.per_kind, args.max_tiles_per_scene, tuple(args.methods))
+        keys = ("pool", "candidates", "verified_edges", "pair_precision", "pair_recall_required_kinds", "false_removal_rate", "timing")
+        result["quality_by_verify_method"] = {
+            "command": "python benchmarks/curation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "splits": q, "summary": {split: {m: {k: r[k] for k in keys} for m, r in by.items()} for split, by in q.items()}}
+        print(json.dumps(result["quality_by_verify_method"]["summary"], indent=1))
+    elif args.part in ("quality", "all"):
         q = run_quality_part(args.quick, args.workdir, args.splits, args.per_kind, args.max_tiles_per_scene)
         if "results" in result.get("quality", {}):
             result["quality"] = {}  # the pre-verification experiment's numbers are superseded

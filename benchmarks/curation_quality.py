@@ -258,8 +258,10 @@ def _frac(a: int, b: int) -> float:
 
 
 def run_split(workdir: Path, split: str, *, steps: int, per_kind: int, max_tiles_per_scene: int, seed: int = 0,
-              overrides: tuple[str, ...] = ()) -> dict:
-    """Build the split's pool and run ``curate embed`` + ``curate dedup`` on it with the defaults."""
+              overrides: tuple[str, ...] = (), methods: tuple[str, ...] = ()) -> dict:
+    """Build the split's pool and run ``curate embed`` + ``curate dedup`` on it with the defaults.
+    With ``methods``: the dedup stage once per dedup.verify.method on the same embeddings, and the
+    result maps each method to its metrics (side by side, one run)."""
     from dinov2_repro.curation.config import load_curation_config
     from dinov2_repro.curation.pipeline import run_stage
 
@@ -268,16 +270,22 @@ def run_split(workdir: Path, split: str, *, steps: int, per_kind: int, max_tiles
     start = time.time()
     manifest, truth = build_pool(pool_dir, scenes, per_kind=per_kind, max_tiles_per_scene=max_tiles_per_scene, seed=seed,
                                  kinds=kinds)
-    cfg = load_curation_config(None, [f"output_dir={pool_dir / 'run'}", f"pool.manifest={manifest}", f"sscd.steps={steps}",
-                                      "embed.progress=false", "device=cpu", f"seed={seed}", *overrides])
-    timings = {}
-    for stage in ("embed", "dedup"):
+    base = [f"output_dir={pool_dir / 'run'}", f"pool.manifest={manifest}", f"sscd.steps={steps}",
+            "embed.progress=false", "device=cpu", f"seed={seed}", *overrides]
+    cfg = load_curation_config(None, base)
+    t = time.time()
+    run_stage(cfg, "embed")
+    embed_s = round(time.time() - t, 1)
+    results = {}
+    for method in methods or (None,):
+        cfg = load_curation_config(None, base + ([f"dedup.verify.method={method}"] if method else []))
         t = time.time()
-        run_stage(cfg, stage)
-        timings[f"{stage}_s"] = round(time.time() - t, 1)
-    selected = read_json(pool_dir / "run" / "dedup" / "selected.json")
-    calibration = read_json(pool_dir / "run" / "dedup" / "calibration.json")
-    metrics = evaluate(pool_dir / "run" / "dedup" / "result.npz", truth)
-    return {"split": split, "scenes": list(scenes), **metrics, "verification": selected["summary"].get("verification"),
-            "timing": {**timings, **calibration.get("timing", {}), "total_s": round(time.time() - start, 1)},
-            "sscd_steps": steps, "overrides": list(overrides)}
+        run_stage(cfg, "dedup")
+        timings = {"embed_s": embed_s, "dedup_s": round(time.time() - t, 1)}
+        selected = read_json(pool_dir / "run" / "dedup" / "selected.json")
+        calibration = read_json(pool_dir / "run" / "dedup" / "calibration.json")
+        metrics = evaluate(pool_dir / "run" / "dedup" / "result.npz", truth)
+        results[method] = {"split": split, "scenes": list(scenes), **metrics, "verification": selected["summary"].get("verification"),
+                           "timing": {**timings, **calibration.get("timing", {}), "total_s": round(time.time() - start, 1)},
+                           "sscd_steps": steps, "overrides": list(overrides) + ([f"dedup.verify.method={method}"] if method else [])}
+    return results if methods else results[None]

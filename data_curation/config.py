@@ -58,6 +58,10 @@ def _check(cfg: DictConfig) -> None:
         fail("dedup.verify.min_overlap", "must be in (0, 1]")
     if not verify.scales or any(not 0.2 <= float(s) <= 1.0 for s in verify.scales):
         fail("dedup.verify.scales", "side fractions in [0.2, 1]")
+    if verify.method not in ("exact", "coarse_to_fine"):
+        fail("dedup.verify.method", "must be 'exact' or 'coarse_to_fine'")
+    if verify.coarse_candidates < 1:
+        fail("dedup.verify.coarse_candidates", "must be >= 1")
     if verify.work_size < 16:
         fail("dedup.verify.work_size", "must be >= 16 pixels")
     if verify.calibration_images < 4:

@@ -41,6 +41,10 @@ class VerifyParams:
     sidelobe_radius: int = 4
     # Weight of the best non-copy evidence (sidelobe here; also the background neighbours in background.py).
     background_weight: float = 0.5
+    # exact: every (scale, crop side, pose) combination at full resolution; coarse_to_fine: all
+    # ranked at half resolution, the best ``coarse_candidates`` re-scored exactly (verify_fast.py).
+    method: str = "coarse_to_fine"
+    coarse_candidates: int = 4
 
     def as_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -160,6 +164,7 @@ class Prepared:
     def __init__(self, gray: torch.Tensor, params: VerifyParams) -> None:
         self.gray, self.params = gray, params
         self._stacks: dict[tuple[str, int], torch.Tensor] = {}
+        self.extras: dict[str, object] = {}  # other per-image data an aligner keeps (verify_fast.py)
 
     def _band_pass(self, x: torch.Tensor) -> torch.Tensor:
         return band_pass(x, self.params.low_sigma, self.params.high_sigma)
@@ -186,7 +191,18 @@ def prepare(image: np.ndarray | torch.Tensor, params: VerifyParams) -> Prepared:
 
 
 def align(a: Prepared, b: Prepared, params: VerifyParams) -> Alignment:
-    """Best alignment of prepared images a, b (``prepare``)."""
+    """Best alignment of prepared images a, b (``prepare``), by ``params.method``."""
+    if params.method == "coarse_to_fine":
+        from .verify_fast import align_coarse_to_fine
+
+        return align_coarse_to_fine(a, b, params)
+    if params.method != "exact":
+        raise ValueError(f"dedup.verify.method must be exact or coarse_to_fine, got {params.method!r}")
+    return align_exact(a, b, params)
+
+
+def align_exact(a: Prepared, b: Prepared, params: VerifyParams) -> Alignment:
+    """Best alignment of prepared images a, b over every combination at full resolution."""
     size = params.work_size
     best_peak, best_key, best_map = -2.0, None, None
     spectra: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -242,9 +258,12 @@ def single_thread() -> Iterator[None]:
 
 
 def verify_pairs(src: np.ndarray, dst: np.ndarray, load: Callable[[int], np.ndarray], params: VerifyParams,
-                 *, cache_size: int = 512) -> tuple[np.ndarray, list[Alignment]]:
+                 *, cache_size: int | None = None) -> tuple[np.ndarray, list[Alignment]]:
     """Alignment score of every pair (src[e], dst[e]); ``load(i)`` gives image i as (C, H, W) in
-    [0, 1]. Prepared images are cached (bounded: ~0.6 MB each at work_size 64) since an image is in several pairs."""
+    [0, 1]. Prepared images are cached since an image is in several pairs (bounded: 512 images
+    of ~0.6 MB for the exact search, 256 of ~3 MB for coarse_to_fine at work_size 64)."""
+    if cache_size is None:
+        cache_size = 512 if params.method == "exact" else 256
     cache: dict[int, Prepared] = {}
 
     def get(i: int) -> Prepared:
@@ -261,7 +280,8 @@ def verify_pairs(src: np.ndarray, dst: np.ndarray, load: Callable[[int], np.ndar
 
 def params_from_config(section) -> VerifyParams:
     """``dedup.verify`` config section -> VerifyParams (unset keys keep the defaults)."""
-    values = {k: section[k] for k in ("work_size", "scales", "min_overlap", "low_sigma", "high_sigma", "sidelobe_radius", "background_weight") if k in section}
+    values = {k: section[k] for k in ("work_size", "scales", "min_overlap", "low_sigma", "high_sigma", "sidelobe_radius", "background_weight",
+                                            "method", "coarse_candidates") if k in section}
     if "scales" in values:
         values["scales"] = tuple(float(s) for s in values["scales"])
     return VerifyParams(**values)
