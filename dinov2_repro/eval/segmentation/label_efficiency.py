@@ -65,7 +65,7 @@ def run_label_efficiency(specs: Sequence[ModelSpec], data: SegData, *, n_values:
         check_tile(features, data, spec)
         built.append((spec, features, meta))
     for spec, features, meta in built:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         mean, std = input_normalisation(meta, data.images["train"])
         finetune = spec.train_backbone != "none"  # features recomputed every step, never cached
         if finetune:
@@ -108,7 +108,8 @@ def run_label_efficiency(specs: Sequence[ModelSpec], data: SegData, *, n_values:
                          miou_min=float(values.min()), miou_max=float(values.max()))
         models[spec.name] = {"kind": spec.kind, "backbone": spec.backbone, "decoder": spec.decoder if spec.kind in ("vit", "random_init") else None,
                              "train_backbone": spec.train_backbone,
-                             "runs": runs, "seconds": round(time.perf_counter() - started, 1)}
+                             "runs": runs, "seconds": round(time.perf_counter() - started, 1),
+                             "cpu_seconds": round(time.process_time() - cpu_started, 1)}  # wall time alone misleads on a shared machine
     test_support = np.bincount(data.labels["test"][data.labels["test"] != data.ignore_index].numpy(), minlength=data.num_classes)
     result = {"task": "seg_label_efficiency", "metric": "test mIoU", "data": data.data, "tile_px": data.tile,
               "n_labelled": counts, "seeds": list(seeds), "lr": lr, "iterations": iterations, **choice.record(),
