@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrain-iterations", type=int, default=None, help="shorten the recipe (default: its 200)")
     parser.add_argument("--pretrain-seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=None, help="keeps the pool and the pretraining run (resumable)")
-    parser.add_argument("--jobs", type=int, default=2, help="models evaluated in parallel, one torch thread each")
+    parser.add_argument("--jobs", type=int, default=2, help="(model, seed) tasks run in parallel, one torch thread each")
     parser.add_argument("--quick", action="store_true", help="smoke test: n 1,all, seed 0, 5 steps, 2 pretraining iterations")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "seg_label_efficiency_cpu.json")
     return parser
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> int:
     from backbone import machine_description
-    from dinov2_repro.eval.segmentation.label_efficiency import parse_n_labelled
+    from dinov2_repro.eval.segmentation.label_efficiency import merge_label_efficiency, parse_n_labelled
     from dinov2_repro.eval.segmentation.train import prepare_data
     from dinov2_repro.eval.visualize import plot_label_efficiency
     from dinov2_repro.io.files import atomic_write_json
@@ -161,22 +161,25 @@ def main() -> int:
                              layer_decay=args.layer_decay)
         specs = list({s.name: s for group in panels.values() for s in group}.values())
         order = [s.name for s in specs]
-        # Heaviest models first, so that --jobs workers finish together; subsets depend on (n, seed)
-        # only, so separate calls per model share them.
+        # One task per (model, seed), heaviest first, so that --jobs workers finish together; the
+        # subsets depend on (n, seed) only, so every task of a seed draws the same ones.
         specs.sort(key=lambda s: -COST_RANK.get((s.decoder if s.kind != "spectral" else "spectral", s.train_backbone), 0))
-        common = dict(data=data, n_values=n_values, seeds=seeds, lr=args.lr, iterations=args.iterations)
-        models: dict[str, Any] = {}
+        common = dict(data=data, n_values=n_values, lr=args.lr, iterations=args.iterations)
+        parts: list[dict[str, Any]] = []
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"),
                                  initializer=_one_thread) as pool:
-            futures = {pool.submit(_run_one, spec, **common): spec for spec in specs}
+            futures = {pool.submit(_run_one, spec, seeds=[seed], **common): (spec.name, seed) for spec in specs for seed in seeds}
             for future in as_completed(futures):
-                result = future.result()
-                name = futures[future].name
-                model = models[name] = result["models"][name]
-                print(f"{name}: " + ", ".join(f"n={n} {r['miou_mean']:.3f}" for n, r in model["runs"].items())
+                part = future.result()
+                parts.append(part)
+                name, seed = futures[future]
+                model = part["models"][name]
+                print(f"{name} seed {seed}: " + ", ".join(f"n={n} {r['miou_mean']:.3f}" for n, r in model["runs"].items())
                       + f"  ({model['seconds']} s, {model['cpu_seconds']} cpu s)", flush=True)
-        result["models"] = {s.name: models[s.name] for s in sorted(specs, key=lambda s: order.index(s.name))}
-    assert result is not None
+                if args.work_dir:  # what has finished so far survives an interrupted run
+                    atomic_write_json(work_dir / "label_efficiency_partial.json", merge_label_efficiency(parts))
+        result = merge_label_efficiency(parts)
+        result["models"] = {name: result["models"][name] for name in order}
     result.update(
         benchmark="segmentation label efficiency", command="PYTHONPATH=. python " + shlex.join(["benchmarks/seg_label_efficiency.py", *sys.argv[1:]]),
         backbone="tiny recipe (ViT-Tiny/14) pretrained here" if not args.backbone else str(args.backbone),

@@ -56,3 +56,21 @@ def test_figure_draws_one_panel_per_group_with_bands(tmp_path):
     assert Image.open(single).size[0] < width
     with pytest.raises(KeyError):
         plot_label_efficiency(result, tmp_path / "bad.png", panels={"x": ["missing"]})
+
+
+def test_merging_seed_parts_recomputes_the_band():
+    from dinov2_repro.eval.segmentation.label_efficiency import merge_label_efficiency
+
+    def part(seed, miou):
+        return {"task": "seg_label_efficiency", "seeds": [seed], "n_labelled": [1, 35],
+                "models": {"m": {"kind": "vit", "seconds": 2.0, "cpu_seconds": 1.0,
+                                 "runs": {str(n): {"miou": {str(seed): miou + n / 100}, "pixel_accuracy": {str(seed): 0.5},
+                                                   "miou_mean": miou + n / 100} for n in (1, 35)}}}}
+
+    merged = merge_label_efficiency([part(2, 0.3), part(0, 0.1), part(1, 0.2)])
+    assert merged["seeds"] == [0, 1, 2]
+    run = merged["models"]["m"]["runs"]["1"]
+    assert list(run["miou"]) == ["0", "1", "2"]
+    assert (run["miou_min"], run["miou_max"]) == pytest.approx((0.11, 0.31))
+    assert run["miou_mean"] == pytest.approx(0.21)
+    assert merged["models"]["m"]["cpu_seconds"] == 3.0 and merged["models"]["m"]["seconds"] == 6.0
