@@ -113,6 +113,25 @@ def model_specs(backbone: str, *, finetune_modes: list[str], layer_decay: float)
             "baselines vs trained linear": [frozen[1], *baselines]}
 
 
+def markdown_table(result: dict[str, Any]) -> str:
+    """Test mIoU mean (min-max over seeds) per model and n, with CPU seconds: the docs' table."""
+    ns = result["n_labelled"]
+    train = result["n_tiles"]["train"]
+    head = "| model | " + " | ".join(f"n = {n}" + (" (all)" if n == train else "") for n in ns) + " | cpu s |"
+    lines = [head, "|" + "---|" * (len(ns) + 2)]
+    names = list(dict.fromkeys(name for group in result["panels"].values() for name in group))
+    kinds = {"vit": 0, "random_init": 1}
+    for name in sorted(names, key=lambda m: (kinds.get(result["models"][m]["kind"], 2),
+                                             result["models"][m]["train_backbone"] != "none", names.index(m))):
+        model = result["models"][name]
+        cells = []
+        for n in ns:
+            run = model["runs"][str(n)]
+            cells.append(f"{run['miou_mean']:.3f} ({run['miou_min']:.3f}-{run['miou_max']:.3f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {model['cpu_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options; the defaults are the full experiment."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,6 +216,7 @@ def main() -> int:
         atomic_write_json(args.out, result)
         plot_label_efficiency(result, args.out.with_suffix(".png"), panels=result["panels"])
         print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    print(markdown_table(result))
     return 0
 
 
