@@ -56,6 +56,8 @@ def plot_label_efficiency(result: Mapping[str, Any], path: str | os.PathLike,
     groups = dict(panels) if panels else {"": list(result["models"])}
     figure, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.2), sharey=True, squeeze=False)
     seeds = len(result["seeds"])
+    everyone = list(dict.fromkeys(name for names in groups.values() for name in names))
+    colours = {name: f"C{i % 10}" for i, name in enumerate(everyone)}  # one colour per model across panels
     for axis, (title, names) in zip(axes[0], groups.items()):
         for name in names:
             model = result["models"][name]
@@ -63,9 +65,9 @@ def plot_label_efficiency(result: Mapping[str, Any], path: str | os.PathLike,
             mean = np.array([model["runs"][str(n)]["miou_mean"] for n in ns])
             low = np.array([model["runs"][str(n)]["miou_min"] for n in ns])
             high = np.array([model["runs"][str(n)]["miou_max"] for n in ns])
-            (line,) = axis.plot(ns, mean, marker="o", label=name)
+            axis.plot(ns, mean, marker="o", label=name, color=colours[name])
             if seeds > 1:
-                axis.fill_between(ns, low, high, color=line.get_color(), alpha=0.2)
+                axis.fill_between(ns, low, high, color=colours[name], alpha=0.2)
         axis.set_xscale("log", base=2)
         axis.set_xlabel("labelled training tiles (n)")
         axis.grid(alpha=0.3)
