@@ -21,6 +21,8 @@ Models (one line each in the JSON and the figure):
   decay ``--layer-decay``); ``none`` is the frozen linear row;
 - random init of the same architecture: knn, linear;
 - the per-pixel spectral head (no backbone).
+The supervised U-Net baseline (ResNet-18 from scratch) is left out: one run costs more than the
+whole grid here.
 Every head trains ``--iterations`` steps at lr ``--lr`` (AdamW, cosine, batch 8, the automatic
 loss: ce on this multi-class task). Results (mean, min-max over seeds per n), wall and CPU seconds
 per model and for pretraining, the machine and the exact command go to ``--out``; the figure
