@@ -227,6 +227,7 @@ def test_label_efficiency_has_every_model_and_every_n(geotiff_folder, tiny_backb
     for model in result["models"].values():
         assert sorted(int(n) for n in model["runs"]) == sorted({1, 2, n_train})
         assert all(set(run["miou"]) == {"0", "1"} for run in model["runs"].values())
+    assert all(model["cpu_seconds"] >= 0 for model in result["models"].values())
     assert (out / "label_efficiency.png").stat().st_size > 1000
 
 

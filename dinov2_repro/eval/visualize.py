@@ -47,25 +47,36 @@ def colour_classes(indices: np.ndarray) -> np.ndarray:
     return colours
 
 
-def plot_label_efficiency(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Test mIoU vs number of labelled tiles: mean line and min-max band over seeds, per model."""
+def plot_label_efficiency(result: Mapping[str, Any], path: str | os.PathLike,
+                          panels: Mapping[str, Sequence[str]] | None = None) -> Path:
+    """Test mIoU vs number of labelled tiles: mean line and min-max band over seeds, per model.
+    ``panels`` (title -> model names) draws one axis per group, sharing the y scale, so that many
+    models stay readable; by default every model shares one axis."""
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    for name, model in result["models"].items():
-        ns = sorted(int(n) for n in model["runs"])
-        mean = np.array([model["runs"][str(n)]["miou_mean"] for n in ns])
-        low = np.array([model["runs"][str(n)]["miou_min"] for n in ns])
-        high = np.array([model["runs"][str(n)]["miou_max"] for n in ns])
-        (line,) = axis.plot(ns, mean, marker="o", label=name)
-        if len(result["seeds"]) > 1:
-            axis.fill_between(ns, low, high, color=line.get_color(), alpha=0.2)
-    axis.set_xscale("log", base=2)
-    axis.set_xlabel("labelled training tiles (n)")
-    axis.set_ylabel("test mIoU")
+    groups = dict(panels) if panels else {"": list(result["models"])}
+    figure, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.2), sharey=True, squeeze=False)
     seeds = len(result["seeds"])
-    axis.set_title(f"label efficiency ({result['data']}, {result['tile_px']} px tiles, {seeds} seed{'s' * (seeds > 1)})")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    everyone = list(dict.fromkeys(name for names in groups.values() for name in names))
+    colours = {name: f"C{i % 10}" for i, name in enumerate(everyone)}  # one colour per model across panels
+    for axis, (title, names) in zip(axes[0], groups.items()):
+        for name in names:
+            model = result["models"][name]
+            ns = sorted(int(n) for n in model["runs"])
+            mean = np.array([model["runs"][str(n)]["miou_mean"] for n in ns])
+            low = np.array([model["runs"][str(n)]["miou_min"] for n in ns])
+            high = np.array([model["runs"][str(n)]["miou_max"] for n in ns])
+            axis.plot(ns, mean, marker="o", label=name, color=colours[name])
+            if seeds > 1:
+                axis.fill_between(ns, low, high, color=colours[name], alpha=0.2)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("labelled training tiles (n)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+        if title:
+            axis.set_title(title, fontsize=9)
+    axes[0, 0].set_ylabel("test mIoU (line: mean, band: min-max over seeds)" if seeds > 1 else "test mIoU")
+    figure.suptitle(f"label efficiency ({result['data']}, {result['tile_px']} px tiles, {seeds} seed{'s' * (seeds > 1)})",
+                    fontsize=10)
     return save_figure(figure, path)
 
 

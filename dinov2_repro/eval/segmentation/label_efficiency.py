@@ -42,6 +42,42 @@ def label_subsets(n_train: int, n_values: Sequence[int | None], seeds: Sequence[
     return subsets
 
 
+def _summarise(entry: dict[str, Any]) -> None:
+    """Mean, std, min and max of an (n) entry's per-seed test mIoU."""
+    values = np.array(list(entry["miou"].values()))
+    entry.update(miou_mean=float(values.mean()), miou_std=float(values.std()),
+                 miou_min=float(values.min()), miou_max=float(values.max()))
+
+
+def merge_label_efficiency(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from results of the same data run on separate seeds and/or models (e.g. in
+    parallel processes): per-seed values joined, seed statistics recomputed, seconds summed."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    merged = {key: value for key, value in parts[0].items() if key not in ("models", "outputs")}
+    merged["seeds"] = sorted({seed for part in parts for seed in part["seeds"]})
+    merged["n_labelled"] = sorted({n for part in parts for n in part["n_labelled"]})
+    models: dict[str, Any] = {}
+    for part in parts:
+        for name, model in part["models"].items():
+            target = models.setdefault(name, {**{k: v for k, v in model.items() if k not in ("runs", "seconds", "cpu_seconds")},
+                                              "runs": {}, "seconds": 0.0, "cpu_seconds": 0.0})
+            target["seconds"] = round(target["seconds"] + model["seconds"], 1)
+            target["cpu_seconds"] = round(target["cpu_seconds"] + model.get("cpu_seconds", 0.0), 1)
+            for n, run in model["runs"].items():
+                entry = target["runs"].setdefault(n, {})
+                for key, per_seed in run.items():
+                    if isinstance(per_seed, dict):
+                        entry.setdefault(key, {}).update(per_seed)
+    for model in models.values():
+        model["runs"] = {n: model["runs"][n] for n in sorted(model["runs"], key=int)}
+        for entry in model["runs"].values():
+            entry.update({key: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for key, v in entry.items()})
+            _summarise(entry)
+    merged["models"] = models
+    return merged
+
+
 def run_label_efficiency(specs: Sequence[ModelSpec], data: SegData, *, n_values: Sequence[int | None], seeds: Sequence[int],
                          lr: float = 1e-3, iterations: int = 200, batch_size: int = 8, out_dir: Path | None = None,
                          progress: bool = True, loss: str | None = None, class_weights: str | None = None,
@@ -65,7 +101,7 @@ def run_label_efficiency(specs: Sequence[ModelSpec], data: SegData, *, n_values:
         check_tile(features, data, spec)
         built.append((spec, features, meta))
     for spec, features, meta in built:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         mean, std = input_normalisation(meta, data.images["train"])
         finetune = spec.train_backbone != "none"  # features recomputed every step, never cached
         if finetune:
@@ -103,12 +139,11 @@ def run_label_efficiency(specs: Sequence[ModelSpec], data: SegData, *, n_values:
             if "objects" in test:
                 entry.setdefault("object_f1", {})[str(seed)] = test["objects"]["object_f1"]
         for entry in runs.values():
-            values = np.array(list(entry["miou"].values()))
-            entry.update(miou_mean=float(values.mean()), miou_std=float(values.std()),
-                         miou_min=float(values.min()), miou_max=float(values.max()))
+            _summarise(entry)
         models[spec.name] = {"kind": spec.kind, "backbone": spec.backbone, "decoder": spec.decoder if spec.kind in ("vit", "random_init") else None,
                              "train_backbone": spec.train_backbone,
-                             "runs": runs, "seconds": round(time.perf_counter() - started, 1)}
+                             "runs": runs, "seconds": round(time.perf_counter() - started, 1),
+                             "cpu_seconds": round(time.process_time() - cpu_started, 1)}  # wall time alone misleads on a shared machine
     test_support = np.bincount(data.labels["test"][data.labels["test"] != data.ignore_index].numpy(), minlength=data.num_classes)
     result = {"task": "seg_label_efficiency", "metric": "test mIoU", "data": data.data, "tile_px": data.tile,
               "n_labelled": counts, "seeds": list(seeds), "lr": lr, "iterations": iterations, **choice.record(),
