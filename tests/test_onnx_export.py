@@ -130,11 +130,14 @@ def test_fixed_size_export_keeps_the_batch_dynamic(dinov2_file, tmp_path, capsys
 
 # -------------------------------------------------------------------------------------- segmentation
 @pytest.fixture(scope="module")
-def seg_run(tmp_path_factory, dinov2_file) -> Path:
-    """A saved `eval seg` run (U-Net decoder, BatchNorm statistics made non-trivial) as save_run writes it."""
+def seg_run(tmp_path_factory) -> Path:
+    """A saved `eval seg` run (U-Net decoder on 4 blocks, BatchNorm statistics made non-trivial) as save_run writes it."""
     from dinov2_repro.eval.segmentation.train import ModelSpec, build_model, save_run
 
-    spec = ModelSpec(name="vit", kind="vit", backbone=str(dinov2_file), decoder="unet")
+    root = tmp_path_factory.mktemp("seg")
+    backbone = save_backbone(_visible(DinoVisionTransformer(img_size=28, patch_size=14, embed_dim=32, depth=4, num_heads=2)),
+                             root / "backbone.safetensors", arch="custom", mean=(0.5,) * 3, std=(0.25,) * 3)
+    spec = ModelSpec(name="vit", kind="vit", backbone=str(backbone), decoder="unet")
     features, head, _ = build_model(spec, data_channels=3, num_classes=3)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -144,7 +147,7 @@ def seg_run(tmp_path_factory, dinov2_file) -> Path:
                 module.running_var.uniform_(0.5, 2.0)
     data = SimpleNamespace(tile=28, bands=[1, 2, 3], class_values=[1, 2, 5], class_names=["a", "b", "c"],
                            ignore_index=255, in_channels=3)
-    run = tmp_path_factory.mktemp("seg") / "run"
+    run = root / "run"
     save_run(run, spec=spec, data=data, head=head, mean=[0.4] * 3, std=[0.2] * 3, metrics={})
     return run
 
