@@ -117,13 +117,17 @@ def test_dinov3_backbone_with_rope_exports_with_dynamic_size(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_fixed_size_export_keeps_the_batch_dynamic(dinov2_file, tmp_path, capsys):
+def test_fixed_size_export_keeps_the_batch_dynamic(dinov2_file, tmp_path, capsys, monkeypatch):
+    from dinov2_repro.onnx_export import graph
+
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_BYTES", 0)  # the large-model layout: weights in FILE.onnx.data
     out = tmp_path / "fixed.onnx"
     report = _cli_json(capsys, "export", "--format", "onnx", "--backbone", str(dinov2_file), "--out", str(out),
                        "--fixed-size", "--image-size", "28")
     assert report["dynamic_axes"] == {"batch": True, "height": False, "width": False}
     assert [c["input_shape"] for c in report["checks"]] == [[2, 3, 28, 28], [3, 3, 28, 28]]
     assert report["max_abs_diff"] <= TOL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.onnx", "fixed.onnx.data"]  # no staging left over
     with pytest.raises(Exception):  # another size is refused by the runtime, not silently wrong
         _session(out).run(None, {"images": np.zeros((1, 3, 42, 42), dtype=np.float32)})
 

@@ -12,12 +12,12 @@ def _run_predict_seg(args: argparse.Namespace) -> int:
 
     if args.export_onnx is None and (args.scene is None or args.out is None):
         raise ConfigError("predict seg needs --scene and --out (or --export-onnx OUT.onnx to export the model only)")
+    if (args.scene is None) != (args.out is None):
+        raise ConfigError("predict seg: --scene and --out go together")
     if args.export_onnx is not None:
         _export_onnx(args)
-        if args.scene is None and args.out is None:
+        if args.scene is None:
             return 0
-        if args.scene is None or args.out is None:
-            raise ConfigError("predict seg: --scene and --out go together")
     from .segmentation.predict import predict_scene
 
     result = predict_scene(args.checkpoint, args.scene, args.out, overlap=args.overlap, batch_size=args.batch_size,
@@ -34,7 +34,8 @@ def _export_onnx(args: argparse.Namespace) -> None:
     require_onnx("--export-onnx")
     from ..onnx_export.segmentation import export_segmentation_onnx
 
-    refuse_overwriting_inputs(outputs={"--export-onnx": args.export_onnx, "--out": args.out},
+    refuse_overwriting_inputs(outputs={"--export-onnx": args.export_onnx, "--out": args.out,
+                                       "--export-onnx (its weights file, for models over 1.8 GB)": str(args.export_onnx) + ".data"},
                               inputs={"--checkpoint": files_in(args.checkpoint), "--scene": args.scene})
     print(json.dumps(export_segmentation_onnx(args.checkpoint, args.export_onnx), indent=2))
 
