@@ -128,6 +128,9 @@ def _run_export(args: argparse.Namespace) -> int:
         result = export_onnx(args.out, backbone=args.backbone, checkpoint=args.checkpoint, which=args.which,
                              image_size=args.image_size, fixed_size=args.fixed_size, opset=args.opset)
         print(json.dumps(result, indent=2))
+        from .onnx_export.graph import warn_if_far
+
+        warn_if_far(result, prefix="dinov2-repro export")
         return 0
     path = export_from_checkpoint(args.checkpoint, args.out, fmt=args.format, which=args.which, with_heads=args.with_heads)
     print(f"wrote {path}")

@@ -37,7 +37,11 @@ def _export_onnx(args: argparse.Namespace) -> None:
     refuse_overwriting_inputs(outputs={"--export-onnx": args.export_onnx, "--out": args.out,
                                        "--export-onnx (its weights file, for models over 1.8 GB)": str(args.export_onnx) + ".data"},
                               inputs={"--checkpoint": files_in(args.checkpoint), "--scene": args.scene})
-    print(json.dumps(export_segmentation_onnx(args.checkpoint, args.export_onnx), indent=2))
+    from ..onnx_export.graph import warn_if_far
+
+    result = export_segmentation_onnx(args.checkpoint, args.export_onnx)
+    print(json.dumps(result, indent=2))
+    warn_if_far(result, prefix="dinov2-repro predict seg")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -18,6 +18,8 @@ from ..models import DinoV3VisionTransformer, DinoVisionTransformer
 from .bicubic import resample_pos_embed_traceable
 
 DEFAULT_OPSET = 18
+# A check whose worst difference passes this is reported on stderr too (fp32 agreement is ~1e-5).
+WARN_ABOVE = 1e-3
 # Above this many bytes of weights the file keeps them beside it (protobuf caps one file at 2 GiB).
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
@@ -76,12 +78,15 @@ def export_module(module: nn.Module, example: Tensor, out: str | os.PathLike, *,
     return out
 
 
-def onnxruntime_session(path: str | os.PathLike):
-    """A CPU onnxruntime session of ``path`` (the reference runtime of the checks)."""
+def onnxruntime_session(path: str | os.PathLike, *, threads: int | None = None):
+    """A CPU onnxruntime session of ``path`` (the reference runtime of the checks); ``threads``
+    sets its intra-op threads (default: onnxruntime's, one per core)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # warnings about unused initialisers are noise here
+    if threads:
+        options.intra_op_num_threads = threads
     return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
@@ -123,3 +128,12 @@ def compare_with_torch(path: str | os.PathLike, module: nn.Module, shapes: Seque
 def worst_difference(checks: Sequence[Mapping[str, Any]]) -> float:
     """The largest max-abs difference over every check and output."""
     return max(value for check in checks for value in check["max_abs_diff"].values())
+
+
+def warn_if_far(result: Mapping[str, Any], *, prefix: str) -> None:
+    """One stderr line when an export's check found a difference above WARN_ABOVE."""
+    import sys
+
+    worst = result.get("max_abs_diff")
+    if worst is not None and worst > WARN_ABOVE:
+        print(f"{prefix}: warning: onnxruntime and torch differ by up to {worst:.3g} (see checks)", file=sys.stderr)
