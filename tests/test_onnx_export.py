@@ -1,5 +1,6 @@
 """ONNX export: the exported graphs run in onnxruntime and match the torch models (fp32, <= 1e-4),
-at the export's shape, at another batch size and, for backbones, at another image size."""
+at the export's shape, at another batch size and, for backbones, at another image size.
+Every test that exports is marked slow (each export takes 5-10 s of CPU); `make test` runs them."""
 from __future__ import annotations
 
 import json
@@ -74,6 +75,7 @@ def dinov2_file(tmp_path_factory) -> Path:
                          mean=(0.4, 0.4, 0.4), std=(0.2, 0.2, 0.2))
 
 
+@pytest.mark.slow  # one export: 5-10 s of CPU
 def test_dinov2_backbone_export_matches_torch_at_other_batch_and_size(dinov2_file, tmp_path, capsys):
     out = tmp_path / "backbone.onnx"
     report = _cli_json(capsys, "export", "--format", "onnx", "--backbone", str(dinov2_file), "--out", str(out))
@@ -99,6 +101,7 @@ def test_dinov2_backbone_export_matches_torch_at_other_batch_and_size(dinov2_fil
     assert meta["patch_size"] == "14" and json.loads(meta["mean"]) == [0.4, 0.4, 0.4]
 
 
+@pytest.mark.slow  # one export: 5-10 s of CPU
 def test_dinov3_backbone_with_rope_exports_with_dynamic_size(tmp_path, capsys):
     model = _visible(DinoV3VisionTransformer(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2,
                                              num_register_tokens=2))
@@ -156,6 +159,7 @@ def seg_run(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow  # one export: 5-10 s of CPU
 def test_segmentation_run_exports_normalisation_backbone_and_head(seg_run, tmp_path, capsys):
     from dinov2_repro.eval.segmentation.train import load_run, normalise
 
@@ -200,9 +204,12 @@ def test_export_option_mistakes_are_one_line_exit_2(dinov2_file, tmp_path, capsy
     assert len(err.splitlines()) == 1 and message in err, err
 
 
-def test_predict_seg_without_scene_or_export_is_exit_2(seg_run, capsys):
-    assert main(["predict", "seg", "--checkpoint", str(seg_run)]) == 2
+def test_predict_seg_without_scene_or_export_is_exit_2(tmp_path, capsys):
+    assert main(["predict", "seg", "--checkpoint", str(tmp_path)]) == 2
     assert "--export-onnx" in capsys.readouterr().err
+    assert main(["predict", "seg", "--checkpoint", str(tmp_path), "--export-onnx", str(tmp_path / "m.onnx"),
+                 "--scene", str(tmp_path / "s.tif")]) == 2  # --scene without --out: refused before exporting
+    assert "go together" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
 
 
 @pytest.mark.slow
