@@ -31,7 +31,7 @@ def export_from_checkpoint(checkpoint: str | Path, out: str | Path, *, fmt: str 
     return out
 
 
-def _load_checkpoint(checkpoint: str | Path):
+def _load_checkpoint(checkpoint: str | Path) -> tuple["SSLMetaArch", "DictConfig", dict]:
     """(SSLMetaArch with the checkpoint's weights, its config, the checkpoint's meta)."""
     from omegaconf import OmegaConf
 
@@ -46,7 +46,7 @@ def _load_checkpoint(checkpoint: str | Path):
     return meta_arch, cfg, meta
 
 
-def backbone_from_checkpoint(checkpoint: str | Path, *, which: str = "teacher"):
+def backbone_from_checkpoint(checkpoint: str | Path, *, which: str = "teacher") -> tuple["torch.nn.Module", dict]:
     """(backbone of ``which``, a header as load_backbone returns: arch, mean, std) of a training checkpoint."""
     meta_arch, cfg, _ = _load_checkpoint(checkpoint)
     backbone = getattr(meta_arch, which).backbone.eval()
