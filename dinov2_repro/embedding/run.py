@@ -140,6 +140,7 @@ def embed_files(
         out_dir: output folder; rerunning with the same settings resumes, other settings are refused.
         images / manifest / scenes: a folder of images, a JSONL/Parquet manifest, GeoTIFF files
             or folders of them (tiled); any combination, rows in the order scenes, images, manifest.
+            ``pkg://<package>/<path>`` names a file shipped in an installed package.
         features: ``cls``, ``mean_patch`` or ``both`` (concatenated, see features.py).
         size: model input side in pixels (default the header's ``img_size``); images are resized to it.
         tile_size / stride: GeoTIFF tile grid in scene pixels (default ``size`` / ``tile_size``).
@@ -164,7 +165,13 @@ def embed_files(
                    shard_size=shard_size, index_format=index_format, max_invalid_fraction=max_invalid_fraction)
     if images is None and manifest is None and not scenes:
         raise ConfigError("nothing to embed: give --images FOLDER, --manifest FILE and/or --scenes GEOTIFF ...")
-    backbone, out_dir = Path(backbone), Path(out_dir)
+    from ..io.files import resolve_resource
+
+    # Inputs may name files shipped in installed packages (pkg://<package>/<path>), as curation's do.
+    images = resolve_resource(images) if images is not None else None
+    manifest = resolve_resource(manifest) if manifest is not None else None
+    scenes = [resolve_resource(s) for s in scenes]
+    backbone, out_dir = resolve_resource(backbone), Path(out_dir)
     index_name = INDEX_FORMATS[index_format]
     _refuse_inputs(out_dir, index_name, backbone=backbone, images=images, manifest=manifest, scenes=scenes)
     torch_device = resolve_device(device, key="--device")
