@@ -44,11 +44,11 @@ def _png_folder(folder: Path, count: int = 5) -> list[Path]:
 
 def _write_scene(path: Path, *, width: int = 84, height: int = 70, crs: str = "EPSG:32613") -> Path:
     import rasterio
-    from rasterio.transform import from_origin
+    from affine import Affine
 
     rng = np.random.default_rng(1)
     with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="float32", crs=crs,
-                       transform=from_origin(445000.0, 4440000.0, 30.0, 30.0), nodata=-9999.0) as dst:
+                       transform=Affine(30.0, 0.0, 445000.0, 0.0, -30.0, 4440000.0), nodata=-9999.0) as dst:
         dst.write(rng.normal(1000, 200, (3, height, width)).astype(np.float32))
     return path
 
@@ -82,6 +82,7 @@ def test_folder_round_trip_equals_the_models_forward(backbone, tmp_path, one_tor
     assert np.abs(cls - cls[:1]).max() > 1e-2 and np.abs(cls - mean_patch).max() > 1e-1
 
 
+@pytest.mark.filterwarnings("ignore:Use `@` matmul:PendingDeprecationWarning")  # rasterio's bounds(), the oracle
 def test_geotiff_tiles_keep_crs_and_bounds(backbone, tmp_path, one_torch_thread):
     import pyarrow.parquet as pq
     import rasterio
@@ -186,3 +187,30 @@ def test_bad_files_are_one_line_each_and_skipped(backbone, tmp_path, capsys, cap
     assert main(["embed", "--backbone", str(path), "--out", str(tmp_path / "out2"), "--images", str(tmp_path / "bad")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "garbage.png" in err[0]
+
+
+@pytest.mark.parametrize("family, case, size", [("dinov2", "vits14_reg4", 28), ("dinov3", "vits16", 32)])
+def test_released_files_embed_like_their_forward(family, case, size, tmp_path, one_torch_thread):
+    """A released .pth (random weights in the official layout) is read as is; rows equal its forward."""
+    from PIL import Image
+    from released_weights_helpers import (DINOV2_CASES, DINOV3_CASES, dinov2_official_from_timm,
+                                          dinov3_official_from_timm, random_timm, timm_periods)
+
+    from dinov2_repro.backbone_file import load_backbone
+
+    name, filename = (DINOV2_CASES if family == "dinov2" else DINOV3_CASES)[case]
+    theirs = random_timm(name, depth=1)
+    state = (dinov2_official_from_timm(theirs.state_dict()) if family == "dinov2"
+             else dinov3_official_from_timm(theirs.state_dict(), periods=timm_periods(theirs)))
+    torch.save(state, tmp_path / filename)
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(tmp_path / "images" / f"{i}.png")
+    result = embed_files(tmp_path / filename, tmp_path / "out", images=tmp_path / "images", size=size,
+                         features="mean_patch", device="cpu", progress=False)
+    model, meta = load_backbone(tmp_path / filename)
+    assert result.dim == meta["embed_dim"] == 384
+    _, expected = _forward(model, pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255.0, meta["mean"], meta["std"])
+    np.testing.assert_allclose(read_embeddings(tmp_path / "out")[0], expected, rtol=2e-3, atol=2e-3)
