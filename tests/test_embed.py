@@ -187,6 +187,11 @@ def test_bad_files_are_one_line_each_and_skipped(backbone, tmp_path, capsys, cap
     assert main(["embed", "--backbone", str(path), "--out", str(tmp_path / "out2"), "--images", str(tmp_path / "bad")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "garbage.png" in err[0]
+    # Bands that do not fit the backbone are the user's mistake: one line naming the scene, exit 2.
+    assert main(["embed", "--backbone", str(path), "--out", str(tmp_path / "out3"), "--scenes", str(scene),
+                 "--bands", "1,2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "good.tif" in err[0] and "--bands" in err[0]
 
 
 @pytest.mark.parametrize("family, case, size", [("dinov2", "vits14_reg4", 28), ("dinov3", "vits16", 32)])

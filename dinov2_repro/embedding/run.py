@@ -191,6 +191,10 @@ def embed_files(
     if not rows:
         first = f" (first unreadable: {skipped_files[0]['file']}: {skipped_files[0]['error']})" if skipped_files else ""
         raise ValueError(f"nothing to embed: the inputs hold no readable image or tile{first}")
+    wrong = next((r for r in rows if r.get("bands") and len(bands or r["bands"]) != in_chans), None)
+    if wrong is not None:  # known from the rows already: fail before any pixel is read
+        raise ConfigError(f"{wrong['path']}: {len(bands or wrong['bands'])} band(s) {list(bands or wrong['bands'])} "
+                          f"selected but the backbone takes {in_chans}; choose {in_chans} with --bands")
     manifest_path = out_dir / index_name
     # Written beside the target first: existing shards of other rows or settings must be refused
     # before their manifest is replaced. Every process of a sharded run writes the same bytes.
