@@ -81,7 +81,9 @@ def unreadable_rows(out_dir: str | Path) -> list[int]:
 
 def _job_spec(job: dict) -> dict:
     keys = ("manifest", "manifest_digest", "embedder", "checkpoint", "img_size", "bands", "dihedral_pool", "shard_size", "seed")
-    return {k: job[k] for k in keys}
+    # ``spec_extra``: settings of another writer of this format (the ``embed`` verb: features,
+    # backbone file, pixel scaling) that must also match before its shards are reused.
+    return {**{k: job[k] for k in keys}, **(job.get("spec_extra") or {})}
 
 
 def embed_shards(job: dict, *, rank: int = 0, world_size: int = 1, on_shard=None, desc: str | None = None) -> list[int]:
@@ -180,7 +182,9 @@ def check_spec(job: dict) -> None:
         atomic_write_json(spec_path, spec)
 
 
-def write_index(out_dir: Path, job: dict) -> Path:
+def write_index(out_dir: Path, job: dict, *, extra: dict | None = None) -> Path:
+    """Check that every shard of ``job`` is present and write ``out_dir/index.json`` (the shard
+    format of store.py); ``extra`` adds keys (another writer's description of its rows)."""
     num_rows = len(read_manifest(job["manifest"]))
     shards, dim, skipped = [], None, []
     for shard, (start, stop) in enumerate(shard_ranges(num_rows, job["shard_size"])):
@@ -204,7 +208,7 @@ def write_index(out_dir: Path, job: dict) -> Path:
     index = {"manifest": job["manifest"], "manifest_digest": job["manifest_digest"], "num_rows": num_rows,
              "dim": dim, "dtype": "float16", "shards": shards, "embedder": job["embedder"],
              "dihedral_pool": job["dihedral_pool"], "img_size": job["img_size"],
-             "num_skipped": len(skipped), "skipped": skipped}
+             "num_skipped": len(skipped), "skipped": skipped, **(extra or {})}
     return atomic_write_json(out_dir / "index.json", index)
 
 

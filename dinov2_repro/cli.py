@@ -16,6 +16,7 @@ from .cli_args import OVERRIDE, add_debug_argument
 from .config import ConfigError
 from .curation.cli import register as register_curate
 from .distill.cli import register as register_distill
+from .embedding.cli import register as register_embed
 from .eval.cli import register as register_eval
 from .eval.predict_cli import register as register_predict
 from .export_checkpoint import register as register_export
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_distill(sub)
     register_plan(sub)
     register_export(sub)
+    register_embed(sub)
     register_import_weights(sub)
     register_eval(sub)
     register_predict(sub)
