@@ -134,6 +134,11 @@ def run_seg(args: argparse.Namespace) -> dict:
     if args.n_labelled and (args.tta != "none" or args.guided_filter):
         raise ConfigError("--tta and --guided-filter apply to single runs, not to label efficiency (--n-labelled)")
     out_dir = Path(args.out_dir) if args.out_dir else None
+    from .segmentation.tracking import open_seg_trackers, refuse_label_efficiency, seg_tracking_settings
+
+    tracking = seg_tracking_settings(args.loggers, args.tracking, out_dir)  # an uninstalled tracker fails here
+    if args.n_labelled:
+        refuse_label_efficiency(tracking)
     if args.expand_bands:  # the format is checked before any data is read; the band numbers once it is
         from ..band_expansion import parse_band_expansion
 
@@ -157,10 +162,18 @@ def run_seg(args: argparse.Namespace) -> dict:
     main_spec = ModelSpec(name=args.name, kind=kind, backbone=str(args.backbone) if args.backbone else None, decoder=args.decoder,
                           **knn)
     if not args.n_labelled:
-        return run_segmentation(main_spec, data, out_dir=out_dir, lrs=_floats(args.lrs, "--lrs"), iterations=args.iterations,
-                                batch_size=args.batch_size, seed=args.seed, loss=args.loss, class_weights=args.class_weights,
-                                objects=ObjectOptions(args.iou, args.min_area_px, tuple(_floats(args.size_bins, "--size-bins"))),
-                                tta=args.tta)
+        trackers = open_seg_trackers(tracking, args)
+        try:
+            result = run_segmentation(
+                main_spec, data, out_dir=out_dir, lrs=_floats(args.lrs, "--lrs"), iterations=args.iterations,
+                batch_size=args.batch_size, seed=args.seed, loss=args.loss, class_weights=args.class_weights,
+                objects=ObjectOptions(args.iou, args.min_area_px, tuple(_floats(args.size_bins, "--size-bins"))),
+                tta=args.tta, trackers=trackers)
+        except BaseException:
+            trackers.close("FAILED")
+            raise
+        trackers.close()
+        return result
     from .segmentation.label_efficiency import parse_n_labelled, run_label_efficiency
 
     specs = [main_spec]
@@ -239,6 +252,12 @@ def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", action="append", default=[], help="NAME=BACKBONE.safetensors (repeatable), e.g. a student")
     p.add_argument("--baselines", default="random_init,spectral,supervised", help="label-efficiency baselines")
     p.add_argument("--out-dir", type=Path, default=None, help="run directory (seg_run.json, head, metrics / curves)")
+    p.add_argument("--loggers", default="", metavar="NAME,...",
+                   help="experiment trackers besides metrics.jsonl in --out-dir (always on): tensorboard, mlflow, wandb "
+                        "(see docs/trackers.md)")
+    p.add_argument("--tracking", action="append", default=[], metavar="KEY=VALUE",
+                   help="a tracker setting of the config's tracking: section, e.g. mlflow.tracking_uri=file:/tmp/mlruns "
+                        "or wandb.mode=offline (repeatable)")
 
 
 def _add_baseline_arguments(p: argparse.ArgumentParser, *, region: bool) -> None:
@@ -313,8 +332,10 @@ def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
     if out_dir is not None:
         from .segmentation.train import BACKBONE_FILE, HEAD_FILE, METRICS_FILE, RUN_FILE
 
+        from .segmentation.tracking import RUN_FILES as TRACKER_FILES
+
         names = (RUN_FILE, HEAD_FILE, METRICS_FILE, BACKBONE_FILE, "label_efficiency.json", "label_efficiency.png",
-                 "landsat_6band.tif")
+                 "landsat_6band.tif", *TRACKER_FILES)
         run_files = [Path(out_dir) / name for name in names]
     refuse_overwriting_inputs(outputs={"--out": getattr(args, "out", None), "--out-dir": run_files}, inputs=inputs)
 
