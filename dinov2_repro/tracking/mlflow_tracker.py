@@ -29,8 +29,13 @@ def resolve_tracking_uri(value: str, run_dir: Path | None) -> str:
     uri = value or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
         return ((run_dir or Path(".")) / "mlruns").resolve().as_uri()
-    if not urlparse(uri).scheme or len(urlparse(uri).scheme) == 1:  # a path (a Windows drive letter is no scheme)
+    parsed = urlparse(uri)
+    if not parsed.scheme or len(parsed.scheme) == 1:  # a path (a Windows drive letter is no scheme)
         return Path(uri).resolve().as_uri()
+    if parsed.scheme == "file" and not parsed.netloc and not Path(parsed.path).is_absolute():
+        # file:runs/mlruns: pinned to an absolute path, so a resumed run (or a Slurm job started
+        # elsewhere) finds the same store.
+        return Path(parsed.path).resolve().as_uri()
     return uri
 
 

@@ -16,8 +16,9 @@ from .wandb_tracker import WANDB_MODES
 
 LOGGERS = ("jsonl", "tensorboard", "mlflow", "wandb")
 # The optional extra that installs each tracker's package (tensorboard: the `test` extra, or by hand).
-INSTALL_HINTS = {"tensorboard": "pip install tensorboard", "mlflow": "pip install 'dinov2_repro[mlflow]'",
-                 "wandb": "pip install 'dinov2_repro[wandb]'"}
+INSTALL_HINTS = {"tensorboard": "pip install tensorboard",
+                 "mlflow": "pip install '.[mlflow]' in the checkout, or pip install mlflow-skinny",
+                 "wandb": "pip install '.[wandb]' in the checkout, or pip install wandb"}
 # MLflow stores that need SQLAlchemy, which the full `mlflow` package brings and mlflow-skinny does not.
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 

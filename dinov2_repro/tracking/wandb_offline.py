@@ -80,3 +80,30 @@ def read_offline_run(path: str | os.PathLike) -> dict[str, Any]:
             run["summary"].update({_item_key(i): json.loads(i.value_json) for i in record.summary.update})
     run["config"].pop("_wandb", None)
     return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dinov2_repro.tracking.wandb_offline DIR``: the newest offline run under DIR as
+    JSON: its id, summary, the history's length and last row (and the config with --config)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m dinov2_repro.tracking.wandb_offline", description=main.__doc__)
+    parser.add_argument("path", help="a run-*.wandb file, or a folder with offline runs under it (tracking.wandb.dir)")
+    parser.add_argument("--config", action="store_true", help="print the logged config too")
+    args = parser.parse_args(argv)
+    try:
+        run = read_offline_run(args.path)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    history = run.pop("history")
+    run.update(steps=len(history), last=history[-1] if history else None)
+    if not args.config:
+        del run["config"]
+    print(json.dumps(run, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
