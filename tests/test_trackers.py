@@ -13,7 +13,7 @@ from dinov2_repro.config import ConfigError, load_config
 from dinov2_repro.train.metrics import read_metrics
 from test_distill_backbone_teacher import features_cfg, teachers  # noqa: F401 (backbone teacher fixture)
 from test_seg import geotiff_folder, tiny_backbone  # noqa: F401 (segmentation fixtures)
-from test_train import image_root, micro_cfg  # noqa: F401 (the micro image folder fixture)
+from test_train import _data_that_stops_after, _Interrupted, image_root, micro_cfg  # noqa: F401 (micro image folder)
 
 mlflow = pytest.importorskip("mlflow")
 wandb = pytest.importorskip("wandb")
@@ -99,6 +99,19 @@ def test_resumed_run_continues_its_mlflow_run(image_root, tmp_path, one_torch_th
     client, run = _mlflow_run(second["tracking_uri"], second["run_id"])
     assert [step for step, _ in _history(client, run.info.run_id, "total_loss")] == [1, 2]
     assert run.info.status == "FINISHED" and run.data.params["train.max_iterations"] == "1"  # MLflow keeps the first
+
+
+def test_a_crashed_run_ends_failed_in_mlflow(image_root, tmp_path, one_torch_thread):
+    from dinov2_repro.train.loop import train
+    from dinov2_repro.train.meta_arch import SSLMetaArch
+
+    run_dir = tmp_path / "run"
+    cfg = micro_cfg(image_root, run_dir, "train.max_iterations=3", *_tracking_overrides(tmp_path, "mlflow"))
+    with pytest.raises(_Interrupted):
+        train(cfg, build_meta_arch=SSLMetaArch, build_data=_data_that_stops_after(1))
+    record = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
+    client, run = _mlflow_run(record["tracking_uri"], record["run_id"])
+    assert run.info.status == "FAILED" and [s for s, _ in _history(client, run.info.run_id, "total_loss")] == [1]
 
 
 def test_rank_other_than_zero_opens_no_tracker(tmp_path):
