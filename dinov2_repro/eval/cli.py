@@ -147,7 +147,7 @@ def run_seg(args: argparse.Namespace) -> dict:
         layer_decay=args.layer_decay, expand_bands=args.expand_bands, iou=args.iou, min_area_px=args.min_area_px,
         size_bins=_floats(args.size_bins, "--size-bins"), n_labelled=args.n_labelled,
         seeds=_ints(args.seeds, "--seeds") or [0], compare=compare,
-        baselines=[b for b in args.baselines.split(",") if b])
+        baselines=[b for b in args.baselines.split(",") if b], loggers=args.loggers, tracking=args.tracking)
 
 
 def _add_object_arguments(p: argparse.ArgumentParser) -> None:
@@ -203,6 +203,12 @@ def _add_seg_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", action="append", default=[], help="NAME=BACKBONE.safetensors (repeatable), e.g. a student")
     p.add_argument("--baselines", default="random_init,spectral,supervised", help="label-efficiency baselines")
     p.add_argument("--out-dir", type=Path, default=None, help="run directory (seg_run.json, head, metrics / curves)")
+    p.add_argument("--loggers", default="", metavar="NAME,...",
+                   help="experiment trackers besides metrics.jsonl in --out-dir (always on): tensorboard, mlflow, wandb "
+                        "(see docs/trackers.md)")
+    p.add_argument("--tracking", action="append", default=[], metavar="KEY=VALUE",
+                   help="a tracker setting of the config's tracking: section, e.g. mlflow.tracking_uri=file:/tmp/mlruns "
+                        "or wandb.mode=offline (repeatable)")
 
 
 def _add_baseline_arguments(p: argparse.ArgumentParser, *, region: bool) -> None:
@@ -277,8 +283,10 @@ def _refuse_overwriting_inputs(args: argparse.Namespace) -> None:
     if out_dir is not None:
         from .segmentation.train import BACKBONE_FILE, HEAD_FILE, METRICS_FILE, RUN_FILE
 
+        from .segmentation.tracking import RUN_FILES as TRACKER_FILES
+
         names = (RUN_FILE, HEAD_FILE, METRICS_FILE, BACKBONE_FILE, "label_efficiency.json", "label_efficiency.png",
-                 "landsat_6band.tif")
+                 "landsat_6band.tif", *TRACKER_FILES)
         run_files = [Path(out_dir) / name for name in names]
     refuse_overwriting_inputs(outputs={"--out": getattr(args, "out", None), "--out-dir": run_files}, inputs=inputs)
 

@@ -23,7 +23,8 @@ from ..device import dtype_from_name, resolve_device  # noqa: F401  (resolve_dev
 from ..distributed import DistributedEnv, detect_env, init_distributed, setup_rank_logging, shutdown_distributed
 from ..distributed.signals import StopRequest, TrainingStopped
 from .checkpoint import last_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from .metrics import MetricsWriter, format_eta
+from ..tracking import TrackerSet, open_trackers, settings_from_config
+from .metrics import format_eta
 from .monitors import collapse_messages
 from .optim import apply_schedule, build_optimizer
 from .schedules import Schedules, build_schedules
@@ -86,9 +87,10 @@ def train(
 
     stop = StopRequest().install()
     clean = False
+    opened_trackers: list[TrackerSet] = []
     try:
         result = _train(cfg, build_meta_arch=build_meta_arch, build_data=tracked_build_data, export=export,
-                        wrap_model=wrap_model, stop=stop)
+                        wrap_model=wrap_model, stop=stop, opened_trackers=opened_trackers)
         clean = True
         return result
     except TrainingStopped as stopped:
@@ -96,6 +98,8 @@ def train(
         logger.warning("%s", stopped)
         raise
     finally:
+        for trackers in opened_trackers:  # MLflow/W&B runs end FAILED, not left running (no-op once closed)
+            trackers.close("FAILED")
         stop.restore()
         for data in opened:
             close_loader_iterator(data)
@@ -110,6 +114,7 @@ def _train(
     export: Callable[[nn.Module, Path, DictConfig, DistributedEnv], Any] | None,
     wrap_model: Callable[[nn.Module, DictConfig, DistributedEnv], nn.Module] | None,
     stop: StopRequest,
+    opened_trackers: list[TrackerSet],
 ) -> dict[str, float]:
     # Under a launcher (torchrun variables or Slurm) join a process group even at world size 1,
     # so the sharded code path is the one that runs.
@@ -159,8 +164,11 @@ def _train(
     # accumulation ranks on world_size ranks (one EMA/centre update and one lr step per step).
     accumulation = int(cfg.train.grad_accumulation)
     images_per_step = cfg.train.batch_size_per_gpu * env.world_size * accumulation
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=env.rank == 0, tensorboard=cfg.train.tensorboard,
-                            resume_iteration=start_iteration)  # 0 without a checkpoint: old rows are stale
+    # Rank 0 logs for the run: metrics.jsonl always, plus train.loggers' trackers. A resumed run
+    # continues its MLflow/W&B runs; resume_iteration is 0 without a checkpoint: old rows are stale.
+    metrics = open_trackers(settings_from_config(cfg), config=OmegaConf.to_container(cfg, resolve=True),
+                            enabled=env.rank == 0, resume_iteration=start_iteration, continue_runs=checkpoint is not None)
+    opened_trackers.append(metrics)
     last_logged: dict[str, float] = {}
     model.train()
     started = time.perf_counter()
@@ -216,7 +224,7 @@ def _train(
                            "n_skipped": n_skipped}
             if rank_due:
                 last_logged["monitor/rankme"] = model.feature_rank()
-            metrics.write(last_logged)
+            metrics.log_metrics(last_logged, step=done)
             for message in collapse_messages(last_logged, done, check_rank=done > warmup_iters):
                 logger.warning(message)
             logger.info("it %d/%d  loss %.4f  lr %.2e  %.1f img/s  eta %s", done, total, loss_value, values["lr"],
@@ -227,9 +235,11 @@ def _train(
         if signum is not None and done < total:
             if done % ckpt_period:
                 save(done)
-            metrics.close()
+            metrics.close("KILLED")
             raise TrainingStopped(signum, done)
         if export is not None and (done == total or (eval_period and done % eval_period == 0)):
-            export(model.export_backbone(), run_dir, cfg, env)
+            exported = export(model.export_backbone(), run_dir, cfg, env)
+            if exported is not None:
+                metrics.log_export(exported)  # the final export's path(s) end up in the trackers
     metrics.close()
     return last_logged

@@ -189,6 +189,14 @@ def check_output_dir_writable(key: str, path: str | os.PathLike) -> None:
         raise ConfigError(f"{key}={str(path)!r} is not writable: {error.strerror or error}") from None
 
 
+def check_trackers(cfg: DictConfig) -> None:
+    """``train.loggers`` and the ``tracking:`` section: known tracker names, their packages
+    installed (one line saying which extra to install), settings they can use."""
+    from ..tracking import check_settings, settings_from_config
+
+    check_settings(settings_from_config(cfg))
+
+
 def validate_train_config(cfg: DictConfig, *, check_data: bool = True) -> None:
     """All semantic checks of an SSL (or distillation) config; raises ConfigError with one line.
 
@@ -203,6 +211,7 @@ def validate_train_config(cfg: DictConfig, *, check_data: bool = True) -> None:
                        cfg.train.grad_accumulation)
     _check_warm_start(cfg)
     _check_choices(cfg)
+    check_trackers(cfg)
     _check_crops(cfg)
     check_output_dir_writable("train.output_dir", cfg.train.output_dir)
     if check_data:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,10 @@ from .data import SPLITS, check_splits, discover_pairs, load_scene, mask_codes_p
 from .decoders import FrozenViTFeatures, build_head, build_segmenter
 from .losses import LossFn, build_loss, choose_loss, parse_class_weights
 from .metrics import confusion_matrix, segmentation_metrics
+from .tracking import log_lr_run, log_result
+
+if TYPE_CHECKING:
+    from ...tracking import TrackerSet
 
 RUN_FILE, HEAD_FILE, METRICS_FILE = "seg_run.json", "head.safetensors", "metrics.json"
 BACKBONE_FILE = "backbone_finetuned.safetensors"  # only when the backbone trained (--train-backbone)
@@ -295,9 +299,11 @@ def evaluate_head(head: nn.Module, feats: Sequence[Tensor], labels: Tensor, *, n
 def run_segmentation(spec: ModelSpec, data: SegData, *, out_dir: Path | None, lrs: Sequence[float] = (1e-3,),
                      iterations: int = 200, batch_size: int = 8, seed: int = 0, progress: bool = True,
                      loss: str | None = None, class_weights: str | None = None,
-                     objects: ObjectOptions = ObjectOptions(), tta: str = "none") -> dict[str, Any]:
+                     objects: ObjectOptions = ObjectOptions(), tta: str = "none",
+                     trackers: "TrackerSet | None" = None) -> dict[str, Any]:
     """Train one head per learning rate, keep the best on val mIoU, report test metrics (with
-    ``tta``: of the averaged views, and the plain test mIoU beside them); saves the run."""
+    ``tta``: of the averaged views, and the plain test mIoU beside them); saves the run.
+    ``trackers`` (``eval seg --loggers``) receive the loss of every step and the results."""
     choice = resolve_loss(data, loss=loss, class_weights=class_weights)
     loss_fn = choice.build(num_classes=data.num_classes, ignore_index=data.ignore_index)
     features, _, meta = build_model(spec, data_channels=data.in_channels, num_classes=data.num_classes, seed=seed)
@@ -305,7 +311,8 @@ def run_segmentation(spec: ModelSpec, data: SegData, *, out_dir: Path | None, lr
     mean, std = input_normalisation(meta, data.images["train"])
     if spec.train_backbone != "none":
         return _run_finetuning(spec, data, features, mean=mean, std=std, out_dir=out_dir, lrs=lrs, iterations=iterations,
-                               batch_size=batch_size, seed=seed, choice=choice, loss_fn=loss_fn, objects=objects)
+                               batch_size=batch_size, seed=seed, choice=choice, loss_fn=loss_fn, objects=objects,
+                               trackers=trackers)
     feats = {s: cached_features(features, normalise(data.images[s], mean, std)) for s in SPLITS}
     common = dict(num_classes=data.num_classes, ignore_index=data.ignore_index, class_names=data.class_names)
     best: tuple[float, float, nn.Module, dict] | None = None
@@ -313,12 +320,13 @@ def run_segmentation(spec: ModelSpec, data: SegData, *, out_dir: Path | None, lr
     if spec.decoder == "knn" and spec.kind in ("vit", "random_init"):
         lrs = list(lrs)[:1]  # nothing is trained: a learning-rate sweep would repeat one result
     guides = {s: normalise(data.images[s], mean, std) for s in ("val", "test")} if spec.guided_filter else {}
-    for lr in lrs:
+    for index, lr in enumerate(lrs):
         head = fresh_head(spec, features, in_channels=data.in_channels, num_classes=data.num_classes, seed=seed)
         curve: list[float] = []
         train_head(head, feats["train"], data.labels["train"], ignore_index=data.ignore_index, iterations=iterations,
                    lr=lr, batch_size=batch_size, seed=seed, progress=progress, loss_fn=loss_fn, curve=curve)
         val = evaluate_head(head, feats["val"], data.labels["val"], **common, objects=objects, images=guides.get("val"))
+        log_lr_run(trackers, index=index, lr=lr, iterations=iterations, curve=curve, val=val)
         sweep[str(lr)] = val["miou"]
         curves[str(lr)] = curve
         if best is None or val["miou"] > best[0]:
@@ -343,12 +351,13 @@ def run_segmentation(spec: ModelSpec, data: SegData, *, out_dir: Path | None, lr
     if out_dir is not None:
         save_run(out_dir, spec=spec, data=data, head=head, mean=mean, std=std, metrics=result)
         result["run_dir"] = str(out_dir)
+    log_result(trackers, result, step=len(list(lrs)) * iterations, exports=[out_dir / HEAD_FILE] if out_dir else [])
     return result
 
 
 def _run_finetuning(spec: ModelSpec, data: SegData, features: nn.Module, *, mean, std, out_dir: Path | None,
                     lrs: Sequence[float], iterations: int, batch_size: int, seed: int, choice: LossChoice, loss_fn: LossFn,
-                    objects: ObjectOptions) -> dict[str, Any]:
+                    objects: ObjectOptions, trackers: "TrackerSet | None" = None) -> dict[str, Any]:
     """``run_segmentation`` when the backbone trains: every lr starts from the same pretrained
     backbone, features are recomputed at every step, and evaluation uses the trained backbone."""
     from .finetune import fresh_features, train_end_to_end, trainable_parameter_count, unfreeze
@@ -359,7 +368,7 @@ def _run_finetuning(spec: ModelSpec, data: SegData, features: nn.Module, *, mean
     common = dict(num_classes=data.num_classes, ignore_index=data.ignore_index, class_names=data.class_names)
     best = None
     sweep, curves = {}, {}
-    for lr in lrs:
+    for index, lr in enumerate(lrs):
         trainable = unfreeze(features, spec.train_backbone)
         head = fresh_head(spec, features, in_channels=data.in_channels, num_classes=data.num_classes, seed=seed)
         curve: list[float] = []
@@ -367,6 +376,7 @@ def _run_finetuning(spec: ModelSpec, data: SegData, features: nn.Module, *, mean
                          ignore_index=data.ignore_index, iterations=iterations, lr=lr, layer_decay=spec.layer_decay,
                          batch_size=batch_size, seed=seed, curve=curve)
         val = evaluate_head(head, fresh_features(trainable, images["val"]), data.labels["val"], **common, objects=objects)
+        log_lr_run(trackers, index=index, lr=lr, iterations=iterations, curve=curve, val=val)
         sweep[str(lr)], curves[str(lr)] = val["miou"], curve
         if best is None or val["miou"] > best[0]:
             best = (val["miou"], lr, trainable, head, val)
@@ -380,6 +390,8 @@ def _run_finetuning(spec: ModelSpec, data: SegData, features: nn.Module, *, mean
     if out_dir is not None:
         save_run(out_dir, spec=spec, data=data, head=head, mean=mean, std=std, metrics=result, backbone=trainable.backbone)
         result["run_dir"] = str(out_dir)
+    log_result(trackers, result, step=len(list(lrs)) * iterations,
+               exports=[out_dir / HEAD_FILE, out_dir / BACKBONE_FILE] if out_dir else [])
     return result
 
 
