@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 READMES = [ROOT / "README.md", ROOT / "data_curation" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Verbs that take minutes or need data a reader supplies: dry-run instead of run.
 # (tests/test_newcomer.py runs the README's CPU quick starts for real.)
-EXPENSIVE_VERBS = {"train", "curate", "demo", "export", "eval", "distill", "predict", "plan", "import-weights"}
-FENCE = re.compile(r"```[a-z]*\n(.*?)```", re.S)
+EXPENSIVE_VERBS = {"train", "curate", "demo", "export", "eval", "distill", "predict", "plan", "import-weights", "embed"}
+FENCE = re.compile(r"```(?!text)[a-z]*\n(.*?)```", re.S)  # ```text blocks show output, not commands
 INLINE = re.compile(r"`(dinov2-repro(?: [^`]*)?)`")
 
 
