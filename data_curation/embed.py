@@ -73,6 +73,16 @@ class SkippingImages(Dataset):
             return index, blank, f"{type(error).__name__}: {error}"
 
 
+def write_shard(out_dir: Path, shard: int, parts: list[torch.Tensor], skipped: list[dict]) -> None:
+    """Write one finished shard: its skip list, then its float16 ``.npy`` (atomic, in that order)."""
+    # The skip list first: a shard whose .npy exists is done, so its list must already be there.
+    if skipped:
+        atomic_write_json(skipped_file(out_dir, shard), skipped)
+    else:
+        skipped_file(out_dir, shard).unlink(missing_ok=True)
+    atomic_save_npy(shard_file(out_dir, shard), torch.cat(parts).numpy().astype(np.float16))
+
+
 def unreadable_rows(out_dir: str | Path) -> list[int]:
     """Manifest rows the embed stage in ``out_dir`` could not read (from its index.json)."""
     return [int(item["row"]) for item in read_json(Path(out_dir) / "index.json").get("skipped", [])]
@@ -121,12 +131,7 @@ def embed_shards(job: dict, *, rank: int = 0, world_size: int = 1, on_shard=None
                                for i in bad)
             parts.append(embedded)
             progress.update(images.shape[0])
-        # The skip list first: a shard whose .npy exists is done, so its list must already be there.
-        if skipped:
-            atomic_write_json(skipped_file(out_dir, shard), skipped)
-        else:
-            skipped_file(out_dir, shard).unlink(missing_ok=True)
-        atomic_save_npy(shard_file(out_dir, shard), torch.cat(parts).numpy().astype(np.float16))
+        write_shard(out_dir, shard, parts, skipped)
         done.append(shard)
         if on_shard is not None:
             on_shard()

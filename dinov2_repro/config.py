@@ -39,12 +39,13 @@ UNSUPPORTED_KEYS: dict[str, str] = {
 }
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping to ``{"a.b.c": value}``; lists and empty mappings stay values."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, path + "."))
+            flat.update(flatten_keys(value, path + "."))
         else:
             flat[path] = value
     return flat
@@ -72,9 +73,9 @@ def _compatible(default: Any, value: Any) -> bool:
 
 def validate_against(defaults: Mapping[str, Any], update: Mapping[str, Any], source: str) -> None:
     """Raise ConfigError if ``update`` has a key not in ``defaults`` or a value of another type."""
-    known = _flatten(defaults)
+    known = flatten_keys(defaults)
     known_prefixes = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
-    for key, value in _flatten(update).items():
+    for key, value in flatten_keys(update).items():
         if key in UNSUPPORTED_KEYS:
             raise ConfigError(f"{source}: config key {key!r} {UNSUPPORTED_KEYS[key]}")
         if key in known:

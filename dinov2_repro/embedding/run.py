@@ -257,9 +257,8 @@ def _embed_shards(extractor, rows: list[dict], todo: list[tuple[int, tuple[int, 
     """Write the shards in ``todo``; returns their numbers."""
     from torch.utils.data import DataLoader, Subset
 
-    from ..curation.embed import shard_file, skipped_file
+    from ..curation.embed import write_shard
     from ..curation.progress import Progress
-    from ..io.files import atomic_save_npy, atomic_write_json
     from .features import RowImages
 
     dataset = RowImages(rows, manifest_dir=str(out_dir), size=size, in_chans=in_chans, bands=bands, scale=scale)
@@ -280,12 +279,7 @@ def _embed_shards(extractor, rows: list[dict], todo: list[tuple[int, tuple[int, 
                     skipped.append({"row": row, "path": rows[row]["path"], "error": error})
             parts.append(embedded)
             bar.update(len(indexes))
-        # The skip list first: a shard whose .npy exists is done, so its list must already be there.
-        if skipped:
-            atomic_write_json(skipped_file(out_dir, shard), skipped)
-        else:
-            skipped_file(out_dir, shard).unlink(missing_ok=True)
-        atomic_save_npy(shard_file(out_dir, shard), torch.cat(parts).numpy().astype(np.float16))
+        write_shard(out_dir, shard, parts, skipped)
         done.append(shard)
     bar.close()
     return done

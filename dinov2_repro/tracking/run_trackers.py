@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..config import ConfigError
+from ..config import ConfigError, flatten_keys
 from ..io.files import atomic_write_json
 from .settings import TrackingSettings, is_installed
 
@@ -20,16 +20,9 @@ logger = logging.getLogger("dinov2_repro")
 RECORD_FILE = "trackers.json"
 
 
-def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_params(config: Mapping[str, Any]) -> dict[str, Any]:
     """Nested config to ``{"a.b.c": value}``; lists stay values (MLflow and TensorBoard show them as text)."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten_params(value, path + "."))
-        else:
-            flat[path] = value
-    return flat
+    return flatten_keys(config)
 
 
 class TrackerSet:
