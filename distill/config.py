@@ -21,6 +21,7 @@ from dinov2_repro.config import CONFIG_DIR, DEFAULTS_PATH, ConfigError, load_con
 from dinov2_repro.models import build_vit
 from dinov2_repro.teacher_bundle import bundle_config, bundle_weight_names, teacher_bundle_file
 from dinov2_repro.train.checkpoint import read_meta, resolve_checkpoint
+from dinov2_repro.train.validate import check_rope_keys
 
 from .features import FEATURE_LOSSES
 
@@ -103,6 +104,7 @@ def student_specs(cfg: DictConfig) -> list[StudentSpec]:
         if base_lr <= 0:
             raise ConfigError(f"{where}.base_lr={base_lr} must be > 0")
         section = OmegaConf.create({**template, **entry, "drop_path_rate": 0.0})
+        check_rope_keys(section, where)
         try:
             with torch.device("meta"):
                 build_vit(section.arch)

@@ -150,3 +150,28 @@ def test_model_weights_takes_a_released_file(tmp_path):
         for key, value in released.state_dict().items():
             torch.testing.assert_close(part.backbone.state_dict()[key], value)
     assert all(torch.equal(v, model.student.dino_head.state_dict()[k]) for k, v in heads_before.items())
+
+
+def test_rope_augmentation_keys_reach_the_model_and_are_checked(tmp_path):
+    """``student.rope_*`` set the DINOv3 backbone's coordinate augmentations; a DINOv2 arch
+    (learned pos-embed) and invalid factors get one line naming the key."""
+    from dinov2_repro.config import CONFIG_DIR, ConfigError, load_config
+    from dinov2_repro.train.meta_arch import build_backbone
+    from dinov2_repro.train.validate import validate_train_config
+
+    def cfg(*overrides):
+        return load_config(CONFIG_DIR / "train" / "vit_tiny_cpu.yaml",
+                           [f"train.output_dir={tmp_path / 'run'}", "crops.global_crops_size=32",
+                            "crops.local_crops_size=16", *overrides])
+
+    v3 = cfg("student.arch=vitt16", "student.patch_size=16", "student.rope_jitter=1.5", "student.rope_shift=0.25")
+    validate_train_config(v3, check_data=False)
+    settings = build_backbone(v3.student, img_size=32, drop_path_rate=0.0).rope_settings
+    assert (settings["jitter"], settings["shift"], settings["rescale"]) == (1.5, 0.25, 2.0)
+    default = build_backbone(cfg("student.arch=vitt16", "student.patch_size=16").student, img_size=32, drop_path_rate=0.0)
+    assert (default.rope_settings["jitter"], default.rope_settings["rescale"]) == (None, 2.0)
+    with pytest.raises(ConfigError, match=r"student.rope_jitter=1.5: vit_tiny has a learned position embedding"):
+        validate_train_config(cfg("student.rope_jitter=1.5"), check_data=False)
+    with pytest.raises(ConfigError, match=r"student.rope_rescale=0.5: must be >= 1"):
+        validate_train_config(cfg("student.arch=vitt16", "student.patch_size=16", "student.rope_rescale=0.5"),
+                              check_data=False)

@@ -16,6 +16,14 @@ from .monitors import effective_rank, teacher_monitors
 from .optim import build_param_groups
 
 
+ROPE_KEYS = ("rope_shift", "rope_jitter", "rope_rescale")
+
+
+def rope_kwargs(student_cfg: DictConfig) -> dict[str, float]:
+    """The set (non-null) ``student.rope_*`` keys as DINOv3 model keywords (older configs have none)."""
+    return {key: float(student_cfg[key]) for key in ROPE_KEYS if student_cfg.get(key) is not None}
+
+
 def build_backbone(student_cfg: DictConfig, *, img_size: int, drop_path_rate: float, attn_backend: str = "auto",
                    stochastic_depth: str = "efficient") -> nn.Module:
     """A backbone from the ``student`` config section (the teacher uses the same with no drop path)."""
@@ -36,6 +44,7 @@ def build_backbone(student_cfg: DictConfig, *, img_size: int, drop_path_rate: fl
         interpolate_offset=student_cfg.interpolate_offset,
         stochastic_depth=stochastic_depth,
         attn_backend=attn_backend,
+        **rope_kwargs(student_cfg),
     )
 
 

@@ -94,6 +94,21 @@ def _check_warm_start(cfg: DictConfig) -> None:
                        "pretraining has been reported to collapse (see docs/released-weights.md)", weights)
 
 
+def check_rope_keys(student_cfg: DictConfig, where: str = "student") -> None:
+    """``<where>.rope_*``: only DINOv3 archs have RoPE; the factors must be valid."""
+    from ..models import is_dinov3_arch
+    from .meta_arch import ROPE_KEYS
+
+    for key in ROPE_KEYS:
+        value = student_cfg.get(key)
+        if value is None:
+            continue
+        _require(is_dinov3_arch(str(student_cfg.arch)), f"{where}.{key}", value,
+                 f"{student_cfg.arch} has a learned position embedding, not RoPE; remove the key (DINOv3 archs only)")
+        low = 0.0 if key == "rope_shift" else 1.0
+        _require(float(value) >= low, f"{where}.{key}", value, f"must be >= {low:g} (or null for the default)")
+
+
 def _check_interval(key: str, value: Sequence[float], *, low_open: bool) -> None:
     values = list(value)
     _require(len(values) == 2, key, values, "give [min, max]")
@@ -210,6 +225,7 @@ def validate_train_config(cfg: DictConfig, *, check_data: bool = True) -> None:
                        "each micro-batch (batch_size_per_gpu x ranks), not the accumulated global batch",
                        cfg.train.grad_accumulation)
     _check_warm_start(cfg)
+    check_rope_keys(cfg.student)
     _check_choices(cfg)
     check_trackers(cfg)
     _check_crops(cfg)
