@@ -23,7 +23,7 @@ from dinov2_repro.teacher_bundle import bundle_config, bundle_weight_names, teac
 from dinov2_repro.train.checkpoint import read_meta, resolve_checkpoint
 from dinov2_repro.train.validate import check_rope_keys
 
-from .features import FEATURE_LOSSES
+from .features import CLS_TARGETS, FEATURE_LOSSES
 
 logger = logging.getLogger("dinov2_repro")
 DISTILL_DEFAULTS_PATH = CONFIG_DIR / "distill" / "distill_defaults.yaml"
@@ -54,6 +54,9 @@ def merge_distill_config(config_file: str | os.PathLike | None = None, overrides
         raise ConfigError(f"distill.method={cfg.distill.method!r} unknown; choose one of {', '.join(DISTILL_METHODS)}")
     if cfg.distill.feature_loss not in FEATURE_LOSSES:
         raise ConfigError(f"distill.feature_loss={cfg.distill.feature_loss!r} unknown; choose one of {', '.join(FEATURE_LOSSES)}")
+    if cfg.distill.feature_cls_targets not in CLS_TARGETS:
+        raise ConfigError(f"distill.feature_cls_targets={cfg.distill.feature_cls_targets!r} unknown; choose one of "
+                          f"{', '.join(CLS_TARGETS)}")
     if cfg.distill.feature_patch_loss_weight < 0:
         raise ConfigError(f"distill.feature_patch_loss_weight={cfg.distill.feature_patch_loss_weight} must be >= 0")
     student_specs(cfg)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 FEATURE_LOSSES = ("cosine", "smooth_l1")
+CLS_TARGETS = ("same_crop", "global_crops")
 
 
 def grid_of(tokens: Tensor, height: int, width: int) -> tuple[int, int]:
@@ -89,3 +90,13 @@ def crop_feature_losses(student_out: dict[str, Tensor], crop_hw: tuple[int, int]
     cls = feature_loss(student.cls_proj(student_out["x_norm_clstoken"]), target["cls"], kind)
     patches = feature_loss(student.patch_proj(s_patches), t_patches, kind)
     return cls, patches
+
+
+def multicrop_cls_loss(student_cls: Tensor, teacher_cls: Tensor, num_images: int, kind: str) -> Tensor:
+    """Every student CLS (V views x B images, view-major, projected) against the teacher's CLS of
+    each global crop of the same image ((2 x B, D), view-major), averaged over the (student view,
+    teacher view) pairs: DINO's multi-crop pairing, without heads."""
+    student_views = student_cls.reshape(-1, num_images, student_cls.shape[-1])
+    teacher_views = teacher_cls.reshape(-1, num_images, teacher_cls.shape[-1])
+    losses = [feature_loss(s, t, kind) for s in student_views for t in teacher_views]
+    return sum(losses) / len(losses)

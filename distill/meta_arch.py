@@ -30,7 +30,7 @@ from dinov2_repro.train.meta_arch import SSLMetaArch, _head, build_backbone
 from dinov2_repro.train.optim import build_param_groups
 
 from .config import StudentSpec, student_specs, teacher_config
-from .features import crop_feature_losses, projection_heads, teacher_features
+from .features import crop_feature_losses, multicrop_cls_loss, projection_heads, teacher_features
 
 logger = logging.getLogger("dinov2_repro")
 
@@ -275,18 +275,25 @@ class DistillMetaArch(nn.Module):
         return total, {f"{name}/{k}": v.detach() for k, v in terms.items()}
 
     def feature_losses(self, global_crops: Tensor, local_crops: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Head-free distillation: every student's projected CLS and patch tokens of each crop set
-        (global, local) against the frozen teacher's of the same crops, averaged over the sets."""
+        """Head-free distillation: every student's projected CLS and patch tokens against the frozen
+        teacher's (``distill.feature_cls_targets``: of the same crop, averaged over the crop sets;
+        or, for the CLS, of both global crops of the image)."""
         crop_sets = [global_crops] + ([local_crops] if local_crops.numel() else [])
-        targets = [teacher_features(self.teacher.backbone, crops) for crops in crop_sets]
+        multicrop = str(self.cfg.distill.feature_cls_targets) == "global_crops"
+        # Multi-crop pairing needs the teacher's global crops only (patch targets too).
+        targets = [teacher_features(self.teacher.backbone, crops) for crops in crop_sets[:1 if multicrop else None]]
         kind, patch_weight = str(self.cfg.distill.feature_loss), float(self.cfg.distill.feature_patch_loss_weight)
+        num_images = global_crops.shape[0] // 2
         total, terms = None, {}
         for name, student in self.students.items():
             outputs = student.backbone(crop_sets, [None] * len(crop_sets), is_training=True)  # one packed pass
             cls_loss = patch_loss = 0.0
             for out, crops, target in zip(outputs, crop_sets, targets):
                 cls, patches = crop_feature_losses(out, tuple(crops.shape[-2:]), target, student, kind)
-                cls_loss, patch_loss = cls_loss + cls / len(crop_sets), patch_loss + patches / len(crop_sets)
+                cls_loss, patch_loss = cls_loss + cls / len(targets), patch_loss + patches / len(targets)
+            if multicrop:
+                student_cls = student.cls_proj(torch.cat([out["x_norm_clstoken"] for out in outputs]))
+                cls_loss = multicrop_cls_loss(student_cls, targets[0]["cls"], num_images, kind)
             loss = cls_loss + patch_weight * patch_loss
             total = loss if total is None else total + loss
             terms.update({f"{name}/cls_feature_loss": cls_loss.detach(), f"{name}/patch_feature_loss": patch_loss.detach(),

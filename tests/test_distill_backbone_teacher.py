@@ -96,6 +96,31 @@ def test_patch14_teacher_steps_a_patch16_student(teachers, image_root, tmp_path,
     assert changed == {"students", "ema"}, changed
 
 
+def test_multicrop_cls_targets_pair_every_student_crop_with_both_teacher_globals(teachers, image_root, tmp_path):  # noqa: F811
+    """distill.feature_cls_targets=global_crops: the CLS loss is the mean over (student crop view,
+    teacher global view) pairs of the same image (hand-computed here); the teacher reads the
+    global crops only."""
+    from dinov2_repro.distill.features import feature_loss, multicrop_cls_loss
+
+    student, teacher = torch.randn(4 * 3, 8), torch.randn(2 * 3, 8)  # 4 student views, 2 teacher views, 3 images
+    expected = sum(feature_loss(student[3 * v:3 * v + 3], teacher[3 * t:3 * t + 3], "cosine")
+                   for v in range(4) for t in range(2)) / 8
+    assert torch.allclose(multicrop_cls_loss(student, teacher, 3, "cosine"), expected)
+    # A mismatched pairing (image i against image j != i) must not give the same value.
+    assert not torch.allclose(multicrop_cls_loss(student, teacher.roll(1, 0), 3, "cosine"), expected)
+
+    cfg = features_cfg(teachers[14], tmp_path, image_root, extra=["distill.feature_cls_targets=global_crops"])
+    model = DistillMetaArch(cfg)
+    seen = []
+    model.teacher.backbone.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[-1]))
+    batch = {"collated_global_crops": torch.rand(4, 3, 28, 28), "collated_local_crops": torch.rand(4, 3, 14, 14)}
+    loss, terms = model.compute_losses(batch, {"teacher_temp": 0.07})
+    loss.backward()
+    assert torch.isfinite(loss) and seen == [28]
+    with pytest.raises(ConfigError, match="feature_cls_targets='local' unknown"):
+        features_cfg(teachers[14], tmp_path / "bad", image_root, extra=["distill.feature_cls_targets=local"])
+
+
 # ---- checks before any work ---------------------------------------------------------------------
 def test_backbone_teacher_config_errors(teachers, image_root, tmp_path):  # noqa: F811
     def check(teacher, *extra, student_patch=14):
