@@ -70,6 +70,10 @@ def _check(cfg: DictConfig) -> None:
         fail("retrieve.mode", "must be 'none', 'sample' or 'cluster'")
     if any(int(k) < 1 for k in cfg.cluster.levels):
         fail("cluster.levels", "every level needs >= 1 cluster")
+    if cfg.cluster.resampling_steps < 0:
+        fail("cluster.resampling_steps", "must be >= 0")
+    if cfg.cluster.shard_size < 1:
+        fail("cluster.shard_size", "must be >= 1")
     if cfg.embed.shard_size < 1:
         fail("embed.shard_size", "must be >= 1")
     if cfg.embed.num_procs < 1:

@@ -34,8 +34,11 @@ class Hierarchy:
         return lab
 
 
-def _fit_level(x: np.ndarray, k: int, *, resampling_steps: int, resample_points: int, niter: int, seed: int,
-               max_points_per_centroid: int) -> tuple[np.ndarray, np.ndarray]:
+def fit_level(x: np.ndarray, k: int, *, resampling_steps: int, resample_points: int, niter: int, seed: int,
+              max_points_per_centroid: int) -> tuple[np.ndarray, np.ndarray]:
+    """One level in RAM: k-means, ``resampling_steps`` re-fits on the ``resample_points`` points
+    nearest each centroid, then (labels, centroids). The cluster stage runs level 1 sharded
+    (stages_cluster.py, same steps and seeds) and this for the small levels above it."""
     centroids = kmeans(x, k, niter=niter, seed=seed, max_points_per_centroid=max_points_per_centroid)
     for step in range(resampling_steps):
         labels, dist = assign(x, centroids)
@@ -60,8 +63,8 @@ def hierarchical_kmeans(x: np.ndarray, levels: Sequence[int], *, resampling_step
     nodes = np.ascontiguousarray(x, dtype=np.float32)
     for depth, k in enumerate(levels):
         k = min(int(k), len(nodes))
-        lab, cen = _fit_level(nodes, k, resampling_steps=resampling_steps, resample_points=resample_points,
-                              niter=niter, seed=seed + 1000 * depth, max_points_per_centroid=max_points_per_centroid)
+        lab, cen = fit_level(nodes, k, resampling_steps=resampling_steps, resample_points=resample_points,
+                             niter=niter, seed=seed + 1000 * depth, max_points_per_centroid=max_points_per_centroid)
         labels.append(lab)
         centroids.append(cen)
         nodes = cen

@@ -49,6 +49,6 @@ def run_stage(cfg: DictConfig, stage: str, *, num_shards: int = 1) -> None:
         log.info("curate: stage %s (%d shard(s))", name, num_shards)
         check_inputs_fresh(cfg, name)
         unit = UNITS[name]
-        for phase in unit.phases:
+        for phase in unit.phase_list(cfg):
             for shard in range(num_shards if phase.sharded else 1):
                 run_task(cfg, unit, phase.name, shard, num_shards)

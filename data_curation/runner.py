@@ -42,10 +42,11 @@ class ArrayJob:
     tasks: int
 
 
-def plan_jobs(stages: Sequence[str], num_shards: int) -> list[ArrayJob]:
+def plan_jobs(stages: Sequence[str], num_shards: int, cfg: DictConfig) -> list[ArrayJob]:
     from .pipeline import UNITS
 
-    return [ArrayJob(stage, phase.name, num_shards if phase.sharded else 1) for stage in stages for phase in UNITS[stage].phases]
+    return [ArrayJob(stage, phase.name, num_shards if phase.sharded else 1) for stage in stages
+            for phase in UNITS[stage].phase_list(cfg)]
 
 
 def frozen_config(cfg: DictConfig) -> Path:
@@ -73,7 +74,7 @@ def execute(config_path: str | os.PathLike, stage: str, phase: str, shards: Sequ
         cfg.num_threads = threads
     unit = UNITS[stage]
     setup_threads(cfg)
-    if phase == unit.phases[0].name:
+    if phase == unit.phase_list(cfg)[0].name:
         check_inputs_fresh(cfg, stage)
         save_resolved(cfg, cfg.output_dir)
     for shard in shards:
@@ -121,7 +122,7 @@ def run(cfg: DictConfig, stages: Sequence[str], *, launcher: str, num_shards: in
     """Run (or, with ``dry_run``, print) ``stages`` as job arrays; returns the submitit jobs (slurm)."""
     stream = stream or sys.stdout
     parallelism = min(num_shards, array_parallelism or num_shards)
-    jobs = plan_jobs(stages, num_shards)
+    jobs = plan_jobs(stages, num_shards, cfg)
     config_path = frozen_config(cfg) if not dry_run else Path(cfg.output_dir).resolve() / "runner" / "config-<digest>.yaml"
     options = options or LauncherOptions(launcher=launcher)
     if dry_run:

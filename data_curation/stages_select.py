@@ -1,8 +1,7 @@
-"""The selection stages as units (units.py): retrieve, cluster, sample, export.
+"""The selection stages as units (units.py): retrieve, sample, export (cluster, sharded, is in
+stages_cluster.py and re-exported here).
 
-retrieve and cluster hold the (selected) pool embeddings in RAM because FAISS k-means and the
-query kNN need them as one matrix; the cluster stage's final assignment of every point is the
-only part that grows with the pool past the k-means sample, and is done in chunks.
+retrieve holds the (selected) pool embeddings in RAM because the query kNN needs them as one matrix.
 """
 from __future__ import annotations
 
@@ -10,8 +9,9 @@ import numpy as np
 from omegaconf import DictConfig
 
 from .fingerprint import record_stage
-from .io import atomic_save_npz, read_json, read_manifest
-from .paths import current_selection, embeddings_in_ram, out, pool_manifest, read_selected, require, write_selected
+from .io import read_json, read_manifest
+from .paths import embeddings_in_ram, out, pool_manifest, read_selected, require, write_selected
+from .stages_cluster import CLUSTER  # noqa: F401  (re-exported: the selection stages in one place)
 from .units import Phase, ShardContext, StageUnit, remove_other_work
 
 SELECTION_STAGES = ("dedup", "retrieve", "cluster", "sample")
@@ -48,21 +48,6 @@ def stage_retrieve(cfg: DictConfig) -> Path:
     selected = np.array(sorted(chosen), dtype=np.int64)
     return write_selected(out(cfg, "retrieve", "selected.json"), "retrieve", selected, reasons,
                           {"mode": cfg.retrieve.mode, "sets": stats, "retrieved": len(selected)})
-
-
-def stage_cluster(cfg: DictConfig) -> Path:
-    from .hkmeans import hierarchical_kmeans
-
-    base = current_selection(cfg, "sample")
-    rows = np.array(base["rows"], dtype=np.int64)
-    x = embeddings_in_ram(cfg, "pool", rows)
-    h = hierarchical_kmeans(x, list(cfg.cluster.levels), resampling_steps=cfg.cluster.resampling_steps,
-                            resample_points=cfg.cluster.resample_points, niter=cfg.cluster.kmeans_iters, seed=cfg.seed,
-                            max_points_per_centroid=cfg.cluster.max_points_per_centroid)
-    arrays = {"rows": rows, "from_stage": np.array(base["stage"])}
-    for l, (lab, cen) in enumerate(zip(h.labels, h.centroids)):
-        arrays[f"labels_{l}"], arrays[f"centroids_{l}"] = lab, cen
-    return atomic_save_npz(out(cfg, "cluster", "hierarchy.npz"), **arrays)
 
 
 def load_hierarchy(cfg: DictConfig):
@@ -125,12 +110,6 @@ def stage_export(cfg: DictConfig) -> Path:
     return path
 
 
-
-
-def cluster_inputs(cfg: DictConfig) -> list[str]:
-    return [current_selection(cfg, "sample")["stage"], "embed"]
-
-
 def export_inputs(cfg: DictConfig) -> list[str]:
     """The chain export combines: embed and every selection stage that ran (cluster with sample)."""
     history = [s for s in ("dedup", "retrieve", "sample") if out(cfg, s, "selected.json").is_file()]
@@ -147,6 +126,5 @@ def _single(stage: str, fn, inputs):
 
 
 RETRIEVE = _single("retrieve", stage_retrieve, lambda cfg: ["dedup", "embed"])
-CLUSTER = _single("cluster", stage_cluster, cluster_inputs)
 SAMPLE = _single("sample", stage_sample, lambda cfg: ["cluster"])
 EXPORT = _single("export", stage_export, export_inputs)

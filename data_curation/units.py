@@ -82,17 +82,23 @@ class Phase:
 class StageUnit:
     """A curation stage: its phases in order, the stages whose outputs it reads (``inputs``),
     its output files (fingerprint.output_files) and the config sections it depends on
-    (fingerprint.STAGE_CONFIG)."""
+    (fingerprint.STAGE_CONFIG). ``phases`` is a tuple, or a function of the config for a stage
+    whose phase list depends on it (cluster: one assign/refit pair per resampling step)."""
 
     name: str
-    phases: tuple[Phase, ...]
+    phases: tuple[Phase, ...] | Callable[[DictConfig], tuple[Phase, ...]]
     inputs: Callable[[DictConfig], list[str]] = field(default=lambda cfg: [])
 
-    def phase(self, name: str) -> Phase:
-        for phase in self.phases:
+    def phase_list(self, cfg: DictConfig) -> tuple[Phase, ...]:
+        """The stage's phases, in order, under ``cfg``."""
+        return tuple(self.phases(cfg)) if callable(self.phases) else self.phases
+
+    def phase(self, name: str, cfg: DictConfig) -> Phase:
+        phases = self.phase_list(cfg)
+        for phase in phases:
             if phase.name == name:
                 return phase
-        raise ValueError(f"stage {self.name} has no phase {name!r} (phases: {[p.name for p in self.phases]})")
+        raise ValueError(f"stage {self.name} has no phase {name!r} (phases: {[p.name for p in phases]})")
 
 
 def input_digest(cfg: DictConfig, stage: str) -> str | None:
@@ -121,7 +127,7 @@ def marker(ctx: ShardContext) -> Path:
 
 def run_task(cfg: DictConfig, unit: StageUnit, phase_name: str, shard: int, num_shards: int) -> bool:
     """Run one task of a phase unless its completion marker exists; True when it ran."""
-    phase = unit.phase(phase_name)
+    phase = unit.phase(phase_name, cfg)
     if not 0 <= shard < (num_shards if phase.sharded else 1):
         raise ValueError(f"{unit.name}/{phase_name}: shard {shard} out of range (num_shards {num_shards})")
     ctx = ShardContext(cfg=cfg, stage=unit.name, phase=phase_name, shard=shard, num_shards=num_shards if phase.sharded else 1,

@@ -28,9 +28,9 @@ BASE = [f"tile.scenes=[{RMNP}]", "tile.size=48", "tile.stride=40", "embed.embedd
         "num_threads=1", "device=cpu", "embed.shard_size=8", "dedup.shard_size=10", "dedup.k=8",
         "dedup.verify.k=2", "dedup.verify.calibration_images=4", "dedup.verify.background_neighbours=2",
         "dedup.verify.work_size=24", "dedup.verify.scales=[1.0,0.75]", "dedup.verify.region_k=2",
-        "cluster.levels=[4,2]", "sample.target_size=10", "export.plots=false"]
+        "cluster.levels=[4,2]", "cluster.shard_size=16", "sample.target_size=10", "export.plots=false"]
 # The files whose bytes are the result: the final manifest, dedup and cluster assignments.
-RESULTS = ["export/manifest.jsonl", "dedup/selected.json", "sample/selected.json", "dedup/knn.npz"]
+RESULTS = ["export/manifest.jsonl", "dedup/selected.json", "sample/selected.json", "dedup/knn.npz", "cluster/hierarchy.npz"]
 
 
 def _cfg(out: Path, *extra: str):
@@ -96,12 +96,14 @@ def test_sharded_pipeline_equals_single_process(reference, tmp_path, num_shards,
     with caplog.at_level(logging.INFO):
         run_stage(_cfg(run), "all", num_shards=num_shards)
     _assert_same(reference, run)
-    markers = _markers(run, "dedup")
-    for phase in ("knn", "regions", "verify"):
-        assert {f"{phase}.{i:05d}-of-{num_shards:05d}.json" for i in range(num_shards)} <= markers
+    for stage, phases in (("dedup", ("knn", "regions", "verify")), ("cluster", ("assign_1", "assign_2", "assign"))):
+        markers = _markers(run, stage)
+        for phase in phases:
+            assert {f"{phase}.{i:05d}-of-{num_shards:05d}.json" for i in range(num_shards)} <= markers
     # Progress is reported per shard (log lines here: the test's stderr is not a terminal).
     text = caplog.text
     assert f"dedup verify[{num_shards - 1}/{num_shards}]:" in text and "pair/s" in text and "ETA" in text
+    assert f"cluster assign[{num_shards - 1}/{num_shards}]:" in text
 
 
 @pytest.mark.slow
@@ -208,6 +210,9 @@ def test_dry_run_prints_the_job_arrays(tmp_path, capsys):
     assert verify["tasks"] == 3 and params["slurm_array_parallelism"] == 2 and params["tasks_per_node"] == 1
     assert params["slurm_partition"] == "debug" and params["mem_gb"] == 4.0
     assert params["slurm_additional_parameters"]["dependency"] == f"afterok:<job {verify['job'] - 1}>"
+    # The cluster stage: one assign array per resampling step (default 2) and the final one.
+    cluster = [(j["phase"], j["tasks"]) for j in jobs if j["stage"] == "cluster"]
+    assert cluster == [("fit", 1), ("assign_1", 3), ("refit_1", 1), ("assign_2", 3), ("refit_2", 1), ("assign", 3), ("merge", 1)]
     assert not out.exists()  # nothing ran, nothing was written
     assert main(["dedup", "--shards", "0", f"output_dir={out}"]) == 2
 
@@ -234,6 +239,26 @@ def test_slurm_two_task_array_equals_single_process(slurm_cluster, reference, tm
     for shard in read_json(ref / "index.json")["shards"]:
         assert (out / "embeddings" / "pool" / shard["file"]).read_bytes() == (ref / shard["file"]).read_bytes()
     assert _index(out) == _index(reference)
+
+
+@pytest.mark.timeout(300)
+def test_slurm_two_task_cluster_arrays_equal_single_process(slurm_cluster, reference, tmp_path):  # noqa: F811
+    """The cluster stage's 7 phases as chained Slurm arrays (assign phases: 2 tasks each)."""
+    from test_slurm import _wait_done
+
+    from dinov2_repro.curation.runner import run
+    from dinov2_repro.launch.options import LauncherOptions
+
+    out = _copy_without(reference, tmp_path, "cluster")
+    options = LauncherOptions(launcher="slurm", timeout_min=20, mem_gb=2.0, job_name="dinov2_repro_curate_test",
+                              slurm_output_dir=str(tmp_path / "slurm" / "%j"))
+    arrays = run(_cfg(out), ["cluster"], launcher="slurm", num_shards=2, options=options)
+    assert [len(a) for a in arrays] == [1, 2, 1, 2, 1, 2, 1]
+    for array in arrays:
+        for job in array:
+            _wait_done(job, timeout_s=120)
+    assert [job.result() for job in arrays[-2]] == ["cluster/assign[0]", "cluster/assign[1]"]
+    assert (out / "cluster" / "hierarchy.npz").read_bytes() == (reference / "cluster" / "hierarchy.npz").read_bytes()
 
 
 from test_slurm import slurm_cluster  # noqa: E402,F401  (fixture)
