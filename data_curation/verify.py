@@ -257,6 +257,9 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+PAIRS_PER_BATCH = 16  # coarse_to_fine: pairs aligned together (fewer, larger FFT calls; ~10 MB of buffers)
+
+
 def verify_pairs(src: np.ndarray, dst: np.ndarray, load: Callable[[int], np.ndarray], params: VerifyParams,
                  *, cache_size: int | None = None) -> tuple[np.ndarray, list[Alignment]]:
     """Alignment score of every pair (src[e], dst[e]); ``load(i)`` gives image i as (C, H, W) in
@@ -273,8 +276,17 @@ def verify_pairs(src: np.ndarray, dst: np.ndarray, load: Callable[[int], np.ndar
             cache[i] = prepare(load(i), params)
         return cache[i]
 
+    src, dst = np.asarray(src), np.asarray(dst)
     with single_thread():
-        alignments = [align(get(int(a)), get(int(b)), params) for a, b in zip(np.asarray(src), np.asarray(dst))]
+        if params.method == "coarse_to_fine":  # many pairs per FFT call (a chunk keeps its images alive)
+            from .verify_fast import align_batch
+
+            alignments = []
+            for start in range(0, len(src), PAIRS_PER_BATCH):
+                chunk = zip(src[start : start + PAIRS_PER_BATCH].tolist(), dst[start : start + PAIRS_PER_BATCH].tolist())
+                alignments += align_batch([(get(a), get(b)) for a, b in chunk], params)
+        else:
+            alignments = [align(get(int(a)), get(int(b)), params) for a, b in zip(src, dst)]
     return np.array([al.score for al in alignments], dtype=np.float64), alignments
 
 
