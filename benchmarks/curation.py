@@ -171,7 +171,7 @@ def verification_cost(tiles_used: int = 24, partners: int = 8, seed: int = 0) ->
             "load_average": os.getloadavg()[0]}
 
 
-def verification_throughput(*, tiles_per_scene: int = 12, partners: int = 16, rounds: int = 2, seed: int = 0,
+def verification_throughput(*, tiles_per_scene: int = 12, partners: int = 16, rounds: int = 3, seed: int = 0,
                             coarse_candidates: int | None = None) -> dict:
     """Pixel verification, exact search vs coarse-to-fine, on the SAME pairs in the same run: CPU ms
     per aligned pair (one thread), pairs/s per core, and how far the results agree.

@@ -42,7 +42,7 @@ class VerifyParams:
     # Weight of the best non-copy evidence (sidelobe here; also the background neighbours in background.py).
     background_weight: float = 0.5
     # exact: every (scale, crop side, pose) combination at full resolution; coarse_to_fine: all
-    # ranked at half resolution, the best ``coarse_candidates`` re-scored exactly (verify_fast.py).
+    # ranked at low resolution, the best ``coarse_candidates`` re-scored exactly (verify_fast.py).
     method: str = "coarse_to_fine"
     coarse_candidates: int = 4
 
@@ -264,7 +264,7 @@ def verify_pairs(src: np.ndarray, dst: np.ndarray, load: Callable[[int], np.ndar
                  *, cache_size: int | None = None) -> tuple[np.ndarray, list[Alignment]]:
     """Alignment score of every pair (src[e], dst[e]); ``load(i)`` gives image i as (C, H, W) in
     [0, 1]. Prepared images are cached since an image is in several pairs (bounded: 512 images
-    of ~0.6 MB for the exact search, 256 of ~3 MB for coarse_to_fine at work_size 64)."""
+    of ~0.6 MB for the exact search, 256 of ~3.3 MB for coarse_to_fine at work_size 64)."""
     if cache_size is None:
         cache_size = 512 if params.method == "exact" else 256
     cache: dict[int, Prepared] = {}

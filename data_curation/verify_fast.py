@@ -1,15 +1,19 @@
-"""Coarse-to-fine pixel verification: the alignment search of ``verify.align_exact``, 5-7x cheaper.
+"""Coarse-to-fine pixel verification: the alignment search of ``verify.align_exact``, ~10x cheaper.
 
 The exact search computes a full-resolution masked-NCC map for each of the 88 (scale, which image
 is the crop, pose) combinations of a pair, with seven 128 x 128 FFTs per map. Almost all of them
 are far from the best one. This path
-1. ranks the 88 combinations at half resolution, where everything that depends on one image only
-   (its spectra, the sums and energies of its pixels under every overlap window) is computed once
-   per image and kept with it (an image is in many pairs): a pair costs one complex product and
-   one small inverse FFT per combination, all in two batched calls;
+1. ranks the 88 combinations at low resolution (26 px for work_size 64: 40 x 40 transforms),
+   where everything that depends on one image only (its spectra, the sums and energies of its
+   pixels under every overlap window) is computed once per image and kept with it (an image is in
+   many pairs): a pair costs one complex product and one small inverse FFT per combination;
 2. computes the full-resolution masked-NCC map of only the ``coarse_candidates`` best-ranked
-   combinations (batched in one call) and keeps the best of them as the exact search does (same
-   order, same tie-breaking), its sidelobe from that map.
+   combinations and keeps the best of them as the exact search does (same order, same
+   tie-breaking), its sidelobe from that map.
+Many pairs share each FFT call (``align_batch``; verify_pairs passes batches). The overlap sums
+come from cumulative sums read through slices, not from FFTs, and the statistics of an image's 8
+poses from one computation per crop side (``_Level.pose_ready_stats``): flipping an image
+reverses the shifts of its overlap windows.
 The full-resolution maps are the exact search's maps up to float rounding: the same formula, on
 the shifts that can be valid, with a transform just large enough that those shifts do not wrap
 around (96 instead of 128 at work_size 64). So whenever the exact search's best combination is
@@ -87,41 +91,53 @@ class _Level:
         """Overlap statistics of big images x (N, size, size) under each crop side in ``which``:
         (len(which), N, W, W). The big image's pixels under a crop side s placed at shift t are
         [t, t + s) clipped to the image, on each axis."""
-        sums = [_window_sums(x, self.sides[i], self.low, self.width) for i in which]
-        return self._stats(torch.stack([t for t, _ in sums]), torch.stack([t2 for _, t2 in sums]), which)
+        return self._stats(*_window_sums(x, [self.sides[i] for i in which], self.low, self.width), which)
 
     def small_stats(self, x: torch.Tensor, which: list[int]) -> _Stats:
         """Overlap statistics of small images x (K, N, size, size), image k shrunk to crop side
         which[k] and zero-padded to size (shrink_padded): (K, N, W, W). The small image's pixels
         over the big one at shift t are [-t, size - t) clipped (its zero padding adds nothing);
         turned by 180 degrees they are [t, t + size) clipped: the big image's windows."""
-        return self._stats(*_window_sums(x.flip(-2, -1), self.size, self.low, self.width), which)
+        total, total2 = _window_sums(x.flip(-2, -1), [self.size], self.low, self.width)
+        return self._stats(total[0], total2[0], which)
 
-    def pose_ready_stats(self, x: torch.Tensor, i: int, role: str) -> torch.Tensor:
-        """(3, E, E): inv, mean_term and valid (0/1) of one image (size, size) in one role
-        ('big': the image; 'small': shrunk to crop side i, zero-padded) under crop side i, over
-        shifts [elow, ehigh] symmetric about (size - side) / 2 and covering the kept ones.
-        Flipping an axis of an image maps its window at t to the window at size - side - t: on this
-        range, a reversal of the array. So the statistics of pose d of the image are pose d of
-        this array (``pose_stats``): one computation serves all 8 poses."""
-        side = self.sides[i]
-        elow = min(self.low, self.size - side - self.high)
-        width = self.size - side - 2 * elow + 1
-        count = self._extended_counts(side, elow, width)
-        assert elow <= self.low and elow + width - 1 >= self.high
-        total, total2 = (_window_sums(x, side, elow, width) if role == "big"
-                         else _window_sums(x.flip(-2, -1), self.size, elow, width))
-        st = _Stats(total, total2, count, self.min_counts[i])
-        return torch.stack([st.inv, st.mean_term, st.valid.float()])
+    def pose_ready_stats(self, full: torch.Tensor, smalls: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
+        """(role, crop side index) -> (3, E, E): inv, mean_term and valid (0/1) of one image in
+        one role ('big': ``full``, (size, size); 'small': smalls[i], the image shrunk to crop side
+        i and zero-padded to size) under that crop side, over shifts [elow, ehigh] symmetric about
+        (size - side) / 2 and covering the kept ones. Flipping an axis of an image maps its window
+        at t to the window at size - side - t: on this range, a reversal of the array. So the
+        statistics of pose d of the image are pose d of this array (``pose_stats``): one
+        computation serves all 8 poses (and one call all sides, over the union of the ranges)."""
+        ranges = [self._symmetric_range(i) for i in range(len(self.sides))]
+        low = min(lo for lo, _ in ranges)
+        width = max(lo + w for lo, w in ranges) - low
+        count, min_count = self._union_counts(low, width)
+        big = _Stats(*_window_sums(full, self.sides, low, width), count, min_count)
+        total, total2 = _window_sums(smalls.flip(-2, -1), [self.size], low, width)
+        small = _Stats(total[0], total2[0], count, min_count)
+        out = {}
+        for role, st in (("big", big), ("small", small)):
+            ready = torch.stack([st.inv, st.mean_term, st.valid.float()])  # (3, sides, E, E)
+            for i, (lo, w) in enumerate(ranges):
+                out[role, i] = ready[:, i, lo - low : lo - low + w, lo - low : lo - low + w]
+        return out
 
-    @functools.lru_cache(maxsize=32)
-    def _extended_counts(self, side: int, low: int, width: int) -> torch.Tensor:
+    def _symmetric_range(self, i: int) -> tuple[int, int]:
+        """(elow, width) of pose_ready_stats' shift range for crop side i."""
+        elow = min(self.low, self.size - self.sides[i] - self.high)
+        return elow, self.size - self.sides[i] - 2 * elow + 1
+
+    @functools.lru_cache(maxsize=8)
+    def _union_counts(self, low: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         shifts = torch.arange(low, low + width)
-        return (_overlap(self.size, side, shifts)[:, None] * _overlap(self.size, side, shifts)[None, :]).float()
+        counts = torch.stack([_overlap(self.size, side, shifts)[:, None] * _overlap(self.size, side, shifts)[None, :]
+                              for side in self.sides]).float()
+        return counts, self.min_count_table[:, 0]
 
     def pose_stats(self, ready: torch.Tensor, d: int, i: int) -> torch.Tensor:
         """(3, W, W): pose_ready_stats (crop side i) of an image turned into pose d, on the kept shifts."""
-        start = self.low - (self.size - self.sides[i] - ready.shape[-1] + 1) // 2  # low - elow
+        start = self.low - self._symmetric_range(i)[0]
         return _pose(ready, d)[:, start : start + self.width, start : start + self.width]
 
     def shrink_padded(self, x: torch.Tensor, which: list[int]) -> torch.Tensor:
@@ -147,18 +163,19 @@ def _pose(x: torch.Tensor, d: int) -> torch.Tensor:
     return torch.rot90(x if d < 4 else x.flip(-1), d % 4, dims=(-2, -1))
 
 
-def _window_sums(x: torch.Tensor, side: int, low: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _window_sums(x: torch.Tensor, sides: list[int], low: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums of x and of x squared (..., size, size) over the windows [t, t + side) x [u, u + side)
-    clipped to the image, for t, u in [low, low + width): (..., width, width) each. By cumulative
-    sums read through slices (four look-ups per window instead of two correlations by FFT)."""
+    clipped to the image, for t, u in [low, low + width) and each side: (len(sides), ..., width,
+    width) each. By cumulative sums read through slices (four look-ups per window instead of two
+    correlations by FFT); the sides share the cumulative sums."""
     size = x.shape[-1]
-    left, right = max(0, -low), max(0, low + width - 1 + side - size)
-    hi, lo = left + low + side, left + low  # where the slices of [t + side] and [t] start
+    left, right = max(0, -low), max(0, low + width - 1 + max(sides) - size)
+    lo = left + low  # where the slice of [t] starts; [t + side] starts at lo + side
     rows = _extended_cumsum(torch.stack([x, x * x]), -2, left, right)
-    rows = rows.narrow(-2, hi, width) - rows.narrow(-2, lo, width)
-    sums = _extended_cumsum(rows, -1, left, right)
-    sums = sums.narrow(-1, hi, width) - sums.narrow(-1, lo, width)
-    return sums[0], sums[1]
+    rows = torch.stack([rows.narrow(-2, lo + side, width) for side in sides]) - rows.narrow(-2, lo, width)
+    cols = _extended_cumsum(rows, -1, left, right)
+    sums = torch.stack([c.narrow(-1, lo + side, width) for c, side in zip(cols, sides)]) - cols.narrow(-1, lo, width)
+    return sums[:, 0], sums[:, 1]
 
 
 def _extended_cumsum(x: torch.Tensor, dim: int, left: int, right: int) -> torch.Tensor:
@@ -261,13 +278,13 @@ def _big_spectrum(prepared: Prepared, d: int, lv: _Level) -> torch.Tensor:
 
 def _ready(prepared: Prepared, role: str, i: int, lv: _Level) -> torch.Tensor:
     """_Level.pose_ready_stats of the image at full resolution, kept with the prepared image."""
-    cache = prepared.extras.setdefault("fine_stats", {})
-    key = (role, i)
-    if key not in cache:
-        side = lv.sides[i]
-        x = prepared.plain(lv.size)[0] if role == "big" else F.pad(prepared.plain(side)[0], (0, lv.size - side, 0, lv.size - side))
-        cache[key] = lv.pose_ready_stats(x, i, role)
-    return cache[key]
+    cache = prepared.extras.get("fine_stats")
+    if cache is None:
+        smalls = torch.zeros((len(lv.sides), lv.size, lv.size))
+        for k, side in enumerate(lv.sides):
+            smalls[k, :side, :side] = prepared.plain(side)[0]
+        cache = prepared.extras["fine_stats"] = lv.pose_ready_stats(prepared.plain(lv.size)[0], smalls)
+    return cache[role, i]
 
 
 def _ranking(pairs: list[tuple[Prepared, Prepared]], s: _Search) -> torch.Tensor:
@@ -299,7 +316,7 @@ def _ranking(pairs: list[tuple[Prepared, Prepared]], s: _Search) -> torch.Tensor
 
 def align_batch(pairs: list[tuple[Prepared, Prepared]], params: VerifyParams) -> list[Alignment]:
     """verify.align_exact(a, b) of each pair, restricted to the ``params.coarse_candidates``
-    combinations ranked best at half resolution (module docstring); many pairs per FFT call."""
+    combinations ranked best at low resolution (module docstring); many pairs per FFT call."""
     if not pairs:
         return []
     s, lv = search(params), search(params).fine
