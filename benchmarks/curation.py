@@ -171,7 +171,7 @@ def verification_cost(tiles_used: int = 24, partners: int = 8, seed: int = 0) ->
             "load_average": os.getloadavg()[0]}
 
 
-def verification_throughput(*, tiles_per_scene: int = 12, partners: int = 16, rounds: int = 2, seed: int = 0,
+def verification_throughput(*, tiles_per_scene: int = 12, partners: int = 16, rounds: int = 3, seed: int = 0,
                             coarse_candidates: int | None = None) -> dict:
     """Pixel verification, exact search vs coarse-to-fine, on the SAME pairs in the same run: CPU ms
     per aligned pair (one thread), pairs/s per core, and how far the results agree.
@@ -298,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tiles-per-scene", type=int, default=None, help="tiles per scene (default 60, 8 with --quick)")
     parser.add_argument("--coarse-candidates", type=int, default=None, help="verify-speed: dedup.verify.coarse_candidates "
                         "of the coarse-to-fine run (default: the config default)")
+    parser.add_argument("--partners", type=int, default=None, help="verify-speed: random partners per tile of its scene "
+                        "(default 16, ~15 pairs per image), with --tiles-per-scene (default 12); a run with either is stored "
+                        "as verification_speed_partners<N> (e.g. 24 and 24: ~22 pairs per image, as in the demo's dedup run, "
+                        "where each image's preparation is shared by more pairs)")
+    parser.add_argument("--tiles-per-scene", type=int, default=None, help="verify-speed: tiles per scene (see --partners)")
     parser.add_argument("--methods", nargs="+", choices=["exact", "coarse_to_fine"], default=None,
                         help="quality: run the dedup stage once per dedup.verify.method on the same embeddings")
     args = parser.parse_args(argv)
@@ -318,8 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         result["verification_cost"] = cost
         print(json.dumps(cost))
     if args.part in ("verify-speed", "all"):
-        result["verification_speed"] = verification_throughput(coarse_candidates=args.coarse_candidates)
-        print(json.dumps(result["verification_speed"], indent=1))
+        sizes = {k: v for k, v in (("partners", args.partners), ("tiles_per_scene", args.tiles_per_scene)) if v}
+        key = "verification_speed" if not sizes else f"verification_speed_partners{args.partners or 16}"
+        result[key] = verification_throughput(coarse_candidates=args.coarse_candidates, **sizes)
+        result[key]["command"] = "BENCH_THREADS=1 python benchmarks/curation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        print(json.dumps(result[key], indent=1))
     if args.part == "quality" and args.methods:  # verification methods side by side on the same embedded pools
         q = run_quality_part(args.quick, args.workdir, args.splits, args.per_kind, args.max_tiles_per_scene, tuple(args.methods))
         keys = ("pool", "candidates", "verified_edges", "pair_precision", "pair_recall_required_kinds", "false_removal_rate", "timing")

@@ -42,7 +42,7 @@ class VerifyParams:
     # Weight of the best non-copy evidence (sidelobe here; also the background neighbours in background.py).
     background_weight: float = 0.5
     # exact: every (scale, crop side, pose) combination at full resolution; coarse_to_fine: all
-    # ranked at half resolution, the best ``coarse_candidates`` re-scored exactly (verify_fast.py).
+    # ranked at low resolution, the best ``coarse_candidates`` re-scored exactly (verify_fast.py).
     method: str = "coarse_to_fine"
     coarse_candidates: int = 4
 
@@ -257,11 +257,14 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+PAIRS_PER_BATCH = 16  # coarse_to_fine: pairs aligned together (fewer, larger FFT calls; ~10 MB of buffers)
+
+
 def verify_pairs(src: np.ndarray, dst: np.ndarray, load: Callable[[int], np.ndarray], params: VerifyParams,
                  *, cache_size: int | None = None) -> tuple[np.ndarray, list[Alignment]]:
     """Alignment score of every pair (src[e], dst[e]); ``load(i)`` gives image i as (C, H, W) in
     [0, 1]. Prepared images are cached since an image is in several pairs (bounded: 512 images
-    of ~0.6 MB for the exact search, 256 of ~3 MB for coarse_to_fine at work_size 64)."""
+    of ~0.6 MB for the exact search, 256 of ~3.3 MB for coarse_to_fine at work_size 64)."""
     if cache_size is None:
         cache_size = 512 if params.method == "exact" else 256
     cache: dict[int, Prepared] = {}
@@ -273,8 +276,17 @@ def verify_pairs(src: np.ndarray, dst: np.ndarray, load: Callable[[int], np.ndar
             cache[i] = prepare(load(i), params)
         return cache[i]
 
+    src, dst = np.asarray(src), np.asarray(dst)
     with single_thread():
-        alignments = [align(get(int(a)), get(int(b)), params) for a, b in zip(np.asarray(src), np.asarray(dst))]
+        if params.method == "coarse_to_fine":  # many pairs per FFT call (a chunk keeps its images alive)
+            from .verify_fast import align_batch
+
+            alignments = []
+            for start in range(0, len(src), PAIRS_PER_BATCH):
+                chunk = zip(src[start : start + PAIRS_PER_BATCH].tolist(), dst[start : start + PAIRS_PER_BATCH].tolist())
+                alignments += align_batch([(get(a), get(b)) for a, b in chunk], params)
+        else:
+            alignments = [align(get(int(a)), get(int(b)), params) for a, b in zip(src, dst)]
     return np.array([al.score for al in alignments], dtype=np.float64), alignments
 
 

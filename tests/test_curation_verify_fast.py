@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dinov2_repro.curation.background import score_pairs
 from dinov2_repro.curation.config import ConfigError, load_curation_config
@@ -86,3 +87,48 @@ def test_method_is_a_checked_config_key():
         load_curation_config(None, ["dedup.verify.method=fast"])
     with pytest.raises(ConfigError, match="coarse_candidates"):
         load_curation_config(None, ["dedup.verify.coarse_candidates=0"])
+
+
+def test_pose_statistics_by_symmetry_equal_the_direct_ones(pool):
+    """The overlap statistics of an image's 8 poses are read from one computation per crop side
+    (flipping an axis reverses the windows' shifts): each equals the statistics computed directly
+    from the turned image, in both roles; a wrong pose does not."""
+    from dinov2_repro.curation.verify import prepare
+    from dinov2_repro.curation.verify_fast import _pose, search
+
+    lv = search(FAST).fine
+    prepared = prepare(pool[0][3], FAST)
+    full = prepared.plain(lv.size)[0]
+    smalls = torch.zeros((len(lv.sides), lv.size, lv.size))
+    for i, side in enumerate(lv.sides):
+        smalls[i, :side, :side] = prepared.plain(side)[0]
+    ready = lv.pose_ready_stats(full, smalls)
+    for i in (0, 2, len(lv.sides) - 1):
+        side = lv.sides[i]
+        shrunk = prepared.plain(side)[0]
+        for d in range(8):
+            padded = torch.zeros((1, 1, lv.size, lv.size))
+            padded[0, 0, :side, :side] = _pose(shrunk, d)
+            direct = {"big": lv.big_stats(_pose(full, d)[None], [i]), "small": lv.small_stats(padded, [i])}
+            for role, st in direct.items():
+                want = torch.stack([st.inv[0, 0], st.mean_term[0, 0], st.valid[0, 0].float()])
+                got = lv.pose_stats(ready[role, i], d, i)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+                if d == 1:  # a quarter turn the other way round reads other windows
+                    assert not torch.allclose(lv.pose_stats(ready[role, i], 3, i), want, rtol=1e-3, atol=1e-4)
+
+
+def test_many_pairs_per_call_equal_one_pair_at_a_time(pool, aligned):
+    """Pairs aligned in one batch (shared FFT calls) get what each gets alone."""
+    from dinov2_repro.curation.verify import prepare
+    from dinov2_repro.curation.verify_fast import align_batch, align_coarse_to_fine
+
+    images, src, dst, _ = pool
+    prepared = [prepare(im, FAST) for im in images]
+    pairs = [(prepared[a], prepared[b]) for a, b in zip(src[:12], dst[:12])]
+    together = align_batch(pairs, FAST)
+    for (a, b), batch, listed in zip(pairs, together, aligned["fast"][:12]):
+        alone = align_coarse_to_fine(a, b, FAST)
+        for other in (batch, listed):  # listed: verify_pairs, in batches of its own
+            assert (other.dihedral, other.scale, other.crop_is, other.shift) == (alone.dihedral, alone.scale, alone.crop_is, alone.shift)
+            assert other.score == pytest.approx(alone.score, abs=1e-5)
