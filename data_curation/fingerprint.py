@@ -18,7 +18,8 @@ from .io import atomic_write_json, read_json
 
 # Config sections each stage's result depends on.
 STAGE_CONFIG = {"tile": ("tile", "pool"), "embed": ("embed", "sscd", "seed"), "dedup": ("dedup", "seed"),
-                "retrieve": ("retrieve", "dedup.index", "dedup.nprobe"), "cluster": ("cluster", "seed"),
+                "retrieve": ("retrieve", "dedup.index", "dedup.nprobe", "cluster.max_points_per_centroid", "seed"),
+                "cluster": ("cluster", "seed"),
                 "sample": ("sample", "seed"), "export": ("export",)}
 
 
