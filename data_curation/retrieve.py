@@ -4,6 +4,9 @@
 - cluster-based: k-means on the pool; each cluster holding more than ``min_queries`` query
   images contributes up to ``per_cluster`` of its images (a seeded random subset), and one query
   set contributes at most ``cap`` images in all.
+
+These are the in-RAM building blocks; the retrieve stage (stages_retrieve.py) runs the same
+steps with the pool sharded and gives the same rows.
 """
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """kNN search sharded over the database: FAISS shards with an exact merge.
 
-The database (the pool) is cut into items of ``rows_per_item`` rows, fixed by the config. An IVF
-index is trained once, on a seeded sample read from the memory-mapped embeddings, and saved; each
-item copies that trained (empty) index, adds only its rows, and searches every query (streamed
-in batches). Scores are re-computed exactly; the merge keeps, per query, the k best over all
-items, ordered by (score descending, id ascending). Items are the same for any shard count, and
-every query probes the same IVF lists in every item (one shared quantizer), so the merged result
-does not depend on N. Only one item's rows (and its index) are in RAM at a time.
+The database (the pool for dedup, the dedup selection for retrieval) is cut into items of
+``rows_per_item`` rows, fixed by the config. An IVF index is trained once, on a seeded sample
+read from the memory-mapped embeddings, and saved; each item copies that trained (empty) index,
+adds only its rows, and searches every query (streamed in batches). Scores are re-computed
+exactly; the merge keeps, per query, the k best over all items, ordered by (score descending, id
+ascending). Items are the same for any shard count, and every query probes the same IVF lists in
+every item (one shared quantizer), so the merged result does not depend on N. Only one item's
+rows (and its index) are in RAM at a time.
 """
 from __future__ import annotations
 
