@@ -260,6 +260,18 @@ def test_killed_retrieval_shard_reruns_alone(with_queries, tmp_path, monkeypatch
     assert (run / "retrieve" / "selected.json").read_bytes() == (reference_run / "retrieve" / "selected.json").read_bytes()
 
 
+def test_a_query_set_added_later_is_embedded(with_queries):
+    """Adding a query set re-runs the embed stage (its fingerprint covers the set manifests); the
+    pool's embedding shards are kept. Runs last on the shared run: it adds query_2 there."""
+    run, queries = with_queries
+    shards = {p.name: p.stat().st_mtime_ns for p in (run / "embeddings" / "pool").glob("shard_*.npy")}
+    more = queries[0][:-1] + "," + queries[0].split("[")[1].split(",")[0] + "]"
+    run_stage(_cfg(run, more), "embed")
+    assert read_json(run / "embeddings" / "query_2" / "index.json")["num_rows"] == read_json(
+        run / "embeddings" / "query_0" / "index.json")["num_rows"]
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "embeddings" / "pool").glob("shard_*.npy")} == shards
+
+
 def _reshard(source: Path, target: Path, rows_per_shard: int) -> Path:
     """Write the reference pool embeddings in another extractor's shard layout (docs/curation.md)."""
     index = read_json(source / "index.json")
