@@ -392,4 +392,29 @@ def test_slurm_two_task_cluster_arrays_equal_single_process(slurm_cluster, refer
     assert (out / "cluster" / "hierarchy.npz").read_bytes() == (reference / "cluster" / "hierarchy.npz").read_bytes()
 
 
+
+@pytest.mark.timeout(300)
+def test_slurm_two_task_retrieve_arrays_equal_single_process(slurm_cluster, with_queries, tmp_path):  # noqa: F811
+    """Sample-mode retrieval as chained Slurm arrays (knn: 2 tasks) gives the one-process bytes."""
+    from test_slurm import _wait_done
+
+    from dinov2_repro.curation.runner import run
+    from dinov2_repro.launch.options import LauncherOptions
+
+    source, queries = with_queries
+    single, out = tmp_path / "single", tmp_path / "slurm_run"
+    for run_dir in (single, out):  # the query run without any retrieval output
+        shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("retrieve"))
+    run_stage(_cfg(single, *queries, *RETRIEVAL["sample"]), "retrieve")
+    options = LauncherOptions(launcher="slurm", timeout_min=20, mem_gb=2.0, job_name="dinov2_repro_curate_test",
+                              slurm_output_dir=str(tmp_path / "slurm" / "%j"))
+    arrays = run(_cfg(out, *queries, *RETRIEVAL["sample"]), ["retrieve"], launcher="slurm", num_shards=2, options=options)
+    assert [len(a) for a in arrays] == [1, 2, 1]  # knn_train, the 2-task knn array, merge
+    for array in arrays:
+        for job in array:
+            _wait_done(job, timeout_s=120)
+    assert [job.result() for job in arrays[1]] == ["retrieve/knn[0]", "retrieve/knn[1]"]
+    assert (out / "retrieve" / "selected.json").read_bytes() == (single / "retrieve" / "selected.json").read_bytes()
+
+
 from test_slurm import slurm_cluster  # noqa: E402,F401  (fixture)
