@@ -63,7 +63,8 @@ def select_from_clusters(pool_labels: np.ndarray, query_labels: np.ndarray, k: i
 
 
 def cluster_based(pool: np.ndarray, queries: np.ndarray, *, num_clusters: int, min_queries: int, per_cluster: int,
-                  cap: int, seed: int = 0, niter: int = KMEANS_ITERS, max_points_per_centroid: int = 256) -> tuple[np.ndarray, dict]:
+                  cap: int, seed: int = 0, niter: int = KMEANS_ITERS,
+                  max_points_per_centroid: int = 256) -> tuple[np.ndarray, dict]:
     """k-means on the pool (in RAM), then ``select_from_clusters``: (sorted pool positions, stats)."""
     k = min(num_clusters, len(pool))
     centroids = kmeans(pool, k, niter=niter, seed=seed, max_points_per_centroid=max_points_per_centroid)

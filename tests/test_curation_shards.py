@@ -206,7 +206,8 @@ def _retrieve_tasks(cfg, num_shards: int) -> None:
 @pytest.mark.parametrize("mode", ["sample", "sample_ivf", "cluster"])
 def test_sharded_retrieval_equals_single_process(with_queries, mode, caplog):
     run, queries = with_queries
-    extra = [*queries, *RETRIEVAL[mode.split("_")[0]]] + (["dedup.index=IVF4,Flat", "dedup.nprobe=1"] if mode == "sample_ivf" else [])
+    ivf = ["dedup.index=IVF4,Flat", "dedup.nprobe=1"] if mode == "sample_ivf" else []  # probes 1 of 4 lists
+    extra = [*queries, *RETRIEVAL[mode.split("_")[0]], *ivf]
     cfg = _cfg(run, *extra)
     sharded = "knn" if cfg.retrieve.mode == "sample" else "assign"
     results = {}
@@ -260,6 +261,7 @@ def test_killed_retrieval_shard_reruns_alone(with_queries, tmp_path, monkeypatch
     assert (run / "retrieve" / "selected.json").read_bytes() == (reference_run / "retrieve" / "selected.json").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_query_set_added_later_is_embedded(with_queries):
     """Adding a query set re-runs the embed stage (its fingerprint covers the set manifests); the
     pool's embedding shards are kept. Runs last on the shared run: it adds query_2 there."""
