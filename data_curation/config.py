@@ -68,6 +68,8 @@ def _check(cfg: DictConfig) -> None:
         fail("dedup.verify.calibration_images", "must be >= 4")
     if cfg.retrieve.mode not in ("none", "sample", "cluster"):
         fail("retrieve.mode", "must be 'none', 'sample' or 'cluster'")
+    if cfg.retrieve.shard_size < 1:
+        fail("retrieve.shard_size", "must be >= 1")
     if any(int(k) < 1 for k in cfg.cluster.levels):
         fail("cluster.levels", "every level needs >= 1 cluster")
     if cfg.cluster.resampling_steps < 0:

@@ -16,9 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from .io import atomic_write_json, read_json
 
-# Config sections each stage's result depends on.
-STAGE_CONFIG = {"tile": ("tile", "pool"), "embed": ("embed", "sscd", "seed"), "dedup": ("dedup", "seed"),
-                "retrieve": ("retrieve", "dedup.index", "dedup.nprobe"), "cluster": ("cluster", "seed"),
+# Config sections each stage's result depends on. The embed stage embeds the reference and query
+# sets too: a set added later must re-run it (its completion markers would otherwise skip it).
+STAGE_CONFIG = {"tile": ("tile", "pool"),
+                "embed": ("embed", "sscd", "seed", "dedup.reference_manifests", "retrieve.query_manifests"),
+                "dedup": ("dedup", "seed"),
+                "retrieve": ("retrieve", "dedup.index", "dedup.nprobe", "cluster.max_points_per_centroid", "seed"),
+                "cluster": ("cluster", "seed"),
                 "sample": ("sample", "seed"), "export": ("export",)}
 
 

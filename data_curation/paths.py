@@ -70,7 +70,7 @@ def embedding_store(cfg: DictConfig, name: str):
 
 def embeddings_in_ram(cfg: DictConfig, name: str, rows: np.ndarray | None = None) -> np.ndarray:
     """L2-normalised float32 embeddings of set ``name`` (all rows, or ``rows``) in RAM: only for
-    the steps where FAISS needs the whole matrix (reference/query kNN of relative dedup and retrieval)."""
+    the steps where FAISS needs the whole matrix (the reference kNN of relative dedup)."""
     store = embedding_store(cfg, name)
     return store.take(np.arange(len(store)) if rows is None else rows)
 

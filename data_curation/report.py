@@ -96,7 +96,7 @@ def _galleries(cfg: DictConfig, export_dir: Path, history: dict, verification: d
         query_rows = read_manifest(query_manifest)[:6]
         if len(retrieved) and query_rows:
             q = _embeddings(cfg, "query_0")[: len(query_rows)]
-            sims, local = brute_force_knn(q, _embeddings(cfg, "pool")[retrieved], min(5, len(retrieved)))
+            sims, local = brute_force_knn(q, _embeddings(cfg, "pool", retrieved), min(5, len(retrieved)))
             queries = [load_row_image(r, query_manifest.parent, bands) for r in query_rows]
             retrieval_gallery(queries, retrieved[local], sims, load, export_dir / "gallery_retrieval.png")
 

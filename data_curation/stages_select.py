@@ -1,7 +1,5 @@
-"""The selection stages as units (units.py): retrieve, sample, export (cluster, sharded, is in
-stages_cluster.py and re-exported here).
-
-retrieve holds the (selected) pool embeddings in RAM because the query kNN needs them as one matrix.
+"""The selection stages as units (units.py): sample, export (retrieve and cluster, sharded, are in
+stages_retrieve.py and stages_cluster.py and re-exported here).
 """
 from __future__ import annotations
 
@@ -10,44 +8,12 @@ from omegaconf import DictConfig
 
 from .fingerprint import record_stage
 from .io import read_json, read_manifest
-from .paths import embeddings_in_ram, out, pool_manifest, read_selected, require, write_selected
+from .paths import out, pool_manifest, read_selected, require, write_selected
 from .stages_cluster import CLUSTER  # noqa: F401  (re-exported: the selection stages in one place)
+from .stages_retrieve import RETRIEVE  # noqa: F401
 from .units import Phase, ShardContext, StageUnit, remove_other_work
 
 SELECTION_STAGES = ("dedup", "retrieve", "cluster", "sample")
-
-
-def _embeddings(cfg: DictConfig, name: str) -> np.ndarray:
-    return embeddings_in_ram(cfg, name)
-
-
-def stage_retrieve(cfg: DictConfig) -> Path:
-    from .retrieve import cluster_based, sample_based
-
-    base = read_selected(cfg, "dedup")
-    rows = np.array(base["rows"], dtype=np.int64)
-    if cfg.retrieve.mode == "none" or not cfg.retrieve.query_manifests:
-        reasons = {int(r): "retrieval off: every dedup survivor passes" for r in rows}
-        return write_selected(out(cfg, "retrieve", "selected.json"), "retrieve", rows, reasons, {"mode": "none"})
-    x = embeddings_in_ram(cfg, "pool", rows)
-    chosen, reasons, stats = set(), {}, {}
-    for i, _ in enumerate(cfg.retrieve.query_manifests):
-        q = _embeddings(cfg, f"query_{i}")
-        if cfg.retrieve.mode == "sample":
-            local, st = sample_based(x, q, cfg.retrieve.k, factory=cfg.dedup.index, nprobe=cfg.dedup.nprobe)
-            why = f"among the {cfg.retrieve.k} nearest neighbours of a query_{i} image"
-        else:
-            local, st = cluster_based(x, q, num_clusters=cfg.retrieve.num_clusters, min_queries=cfg.retrieve.min_queries,
-                                      per_cluster=cfg.retrieve.per_cluster, cap=cfg.retrieve.cap_per_query_set,
-                                      seed=cfg.seed, max_points_per_centroid=cfg.cluster.max_points_per_centroid)
-            why = f"in a pool cluster holding > {cfg.retrieve.min_queries} query_{i} images"
-        stats[f"query_{i}"] = st
-        for r in rows[local]:
-            reasons.setdefault(int(r), why)
-            chosen.add(int(r))
-    selected = np.array(sorted(chosen), dtype=np.int64)
-    return write_selected(out(cfg, "retrieve", "selected.json"), "retrieve", selected, reasons,
-                          {"mode": cfg.retrieve.mode, "sets": stats, "retrieved": len(selected)})
 
 
 def load_hierarchy(cfg: DictConfig):
@@ -125,6 +91,5 @@ def _single(stage: str, fn, inputs):
     return StageUnit(stage, (Phase("run", run),), inputs=inputs)
 
 
-RETRIEVE = _single("retrieve", stage_retrieve, lambda cfg: ["dedup", "embed"])
 SAMPLE = _single("sample", stage_sample, lambda cfg: ["cluster"])
 EXPORT = _single("export", stage_export, export_inputs)

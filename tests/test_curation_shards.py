@@ -141,6 +141,139 @@ def test_failed_shard_reruns_alone(reference, tmp_path, monkeypatch, caplog):
     assert (run / "dedup" / "knn.npz").read_bytes() == (reference / "dedup" / "knn.npz").read_bytes()
 
 
+# Retrieval against two query sets (pool tiles and planted copies), sample and cluster mode.
+RETRIEVAL = {"sample": ["retrieve.mode=sample", "retrieve.k=3", "retrieve.shard_size=16"],
+             "cluster": ["retrieve.mode=cluster", "retrieve.num_clusters=6", "retrieve.min_queries=1",
+                         "retrieve.per_cluster=5", "retrieve.cap_per_query_set=12", "retrieve.shard_size=16"]}
+
+
+@pytest.fixture(scope="module")
+def with_queries(reference, tmp_path_factory) -> tuple[Path, list[str]]:
+    """The reference pool tiled, embedded with two query sets and deduplicated; (run folder, query overrides)."""
+    from dinov2_repro.curation.io import read_manifest, resolve_row_path
+
+    folder = tmp_path_factory.mktemp("queries")
+    run = folder / "run"
+    run_stage(_cfg(run), "tile")
+    pool = read_manifest(run / "pool" / "manifest.jsonl")
+    manifests = []
+    for i, picks in enumerate([range(3, len(pool), 4), range(len(pool) - 12, len(pool))]):  # set 1: 6 copies + 6 tiles
+        path = folder / f"queries_{i}.jsonl"
+        path.write_text("".join(json.dumps(dict(pool[r], path=str(resolve_row_path(pool[r], run / "pool")))) + "\n"
+                                for r in picks))
+        manifests.append(str(path))
+    queries = [f"retrieve.query_manifests=[{','.join(manifests)}]"]
+    for stage in ("embed", "dedup"):
+        run_stage(_cfg(run, *queries), stage)
+    assert (run / "dedup" / "selected.json").read_bytes() == (reference / "dedup" / "selected.json").read_bytes()
+    return run, queries
+
+
+def _one_task_retrieval(cfg) -> list[int]:
+    """The rows the in-RAM, one-task retrieval (retrieve.py on the whole selection) picks."""
+    from dinov2_repro.curation.paths import embeddings_in_ram, read_selected
+    from dinov2_repro.curation.retrieve import cluster_based, sample_based
+
+    rows = np.array(read_selected(cfg, "dedup")["rows"], dtype=np.int64)
+    x = embeddings_in_ram(cfg, "pool", rows)
+    chosen = set()
+    for i, _ in enumerate(cfg.retrieve.query_manifests):
+        q = embeddings_in_ram(cfg, f"query_{i}")
+        r = cfg.retrieve
+        if r.mode == "sample":
+            local, _ = sample_based(x, q, r.k, factory=cfg.dedup.index, nprobe=cfg.dedup.nprobe, seed=cfg.seed)
+        else:
+            local, _ = cluster_based(x, q, num_clusters=r.num_clusters, min_queries=r.min_queries, per_cluster=r.per_cluster,
+                                     cap=r.cap_per_query_set, seed=cfg.seed,
+                                     max_points_per_centroid=cfg.cluster.max_points_per_centroid)
+        chosen |= {int(v) for v in rows[local]}
+    return sorted(chosen)
+
+
+def _retrieve_tasks(cfg, num_shards: int) -> None:
+    """Every task of the retrieve stage in turn (as run_stage, without its input freshness check:
+    the IVF variant changes dedup.index, which dedup also reads)."""
+    from dinov2_repro.curation.pipeline import UNITS
+    from dinov2_repro.curation.units import run_task
+
+    unit = UNITS["retrieve"]
+    for phase in unit.phase_list(cfg):
+        for shard in range(num_shards if phase.sharded else 1):
+            run_task(cfg, unit, phase.name, shard, num_shards)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sample", "sample_ivf", "cluster"])
+def test_sharded_retrieval_equals_single_process(with_queries, mode, caplog):
+    run, queries = with_queries
+    ivf = ["dedup.index=IVF4,Flat", "dedup.nprobe=1"] if mode == "sample_ivf" else []  # probes 1 of 4 lists
+    extra = [*queries, *RETRIEVAL[mode.split("_")[0]], *ivf]
+    cfg = _cfg(run, *extra)
+    sharded = "knn" if cfg.retrieve.mode == "sample" else "assign"
+    results = {}
+    for num_shards in (1, 3, 4):
+        shutil.rmtree(run / "retrieve", ignore_errors=True)
+        with caplog.at_level(logging.INFO):
+            if mode == "sample_ivf":
+                _retrieve_tasks(cfg, num_shards)
+            else:
+                run_stage(cfg, "retrieve", num_shards=num_shards)
+        results[num_shards] = (run / "retrieve" / "selected.json").read_bytes()
+        assert {f"{sharded}.{i:05d}-of-{num_shards:05d}.json" for i in range(num_shards)} <= _markers(run, "retrieve")
+    assert results[3] == results[1] and results[4] == results[1]
+    assert f"retrieve {sharded}[3/4]:" in caplog.text  # progress per shard
+    selected = json.loads(results[1])
+    dedup_rows = read_json(run / "dedup" / "selected.json")["rows"]
+    assert 0 < len(selected["rows"]) < len(dedup_rows) and set(selected["rows"]) <= set(dedup_rows)
+    assert set(selected["summary"]["sets"]) == {"query_0", "query_1"}
+    if cfg.retrieve.mode == "cluster":
+        stats = selected["summary"]["sets"]
+        assert stats["query_0"]["retrieved"] == 12 < 5 * stats["query_0"]["clusters_selected"]  # capped
+        assert all(0 < s["retrieved"] <= 12 and s["clusters_selected"] >= 1 for s in stats.values())
+    # The same rows as the one-task, in-RAM retrieval of the same selection.
+    assert selected["rows"] == _one_task_retrieval(cfg)
+
+
+@pytest.mark.faults
+def test_killed_retrieval_shard_reruns_alone(with_queries, tmp_path, monkeypatch, caplog):
+    source, queries = with_queries
+    run = _copy_without(source, tmp_path, "retrieve")
+    cfg = _cfg(run, *queries, *RETRIEVAL["sample"])
+    monkeypatch.setenv(FAIL_SHARD_ENV, "retrieve:knn:1")
+    with pytest.raises(SimulatedFailure):
+        run_stage(cfg, "retrieve", num_shards=3)
+    (work,) = (run / "retrieve" / "work").iterdir()
+    before = {p.name: p.stat().st_mtime_ns for p in (work / "knn").glob("item_*.npz")}
+    items = -(-len(read_json(run / "dedup" / "selected.json")["rows"]) // 16)  # retrieve.shard_size=16
+    assert items >= 4
+    # Shard 0 took items 0, 3, ...; shard 1 wrote item 1 and failed; shard 2 never ran.
+    assert sorted(before) == sorted([f"item_{j:05d}.npz" for j in range(0, items, 3)] + ["item_00001.npz"])
+    monkeypatch.delenv(FAIL_SHARD_ENV)
+    with caplog.at_level(logging.INFO):
+        run_stage(cfg, "retrieve", num_shards=3)
+    assert "retrieve/knn[0/3]: complete, skipped" in caplog.text and "retrieve/knn[1/3]: running" in caplog.text
+    after = {p.name: p.stat().st_mtime_ns for p in (work / "knn").glob("item_*.npz")}
+    assert all(after[name] == mtime for name, mtime in before.items())  # nothing finished was recomputed
+    assert len(after) == items
+    reference_run = tmp_path / "single"
+    shutil.copytree(run, reference_run, ignore=shutil.ignore_patterns("retrieve"))
+    run_stage(_cfg(reference_run, *queries, *RETRIEVAL["sample"]), "retrieve")
+    assert (run / "retrieve" / "selected.json").read_bytes() == (reference_run / "retrieve" / "selected.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_query_set_added_later_is_embedded(with_queries):
+    """Adding a query set re-runs the embed stage (its fingerprint covers the set manifests); the
+    pool's embedding shards are kept. Runs last on the shared run: it adds query_2 there."""
+    run, queries = with_queries
+    shards = {p.name: p.stat().st_mtime_ns for p in (run / "embeddings" / "pool").glob("shard_*.npy")}
+    more = queries[0][:-1] + "," + queries[0].split("[")[1].split(",")[0] + "]"
+    run_stage(_cfg(run, more), "embed")
+    assert read_json(run / "embeddings" / "query_2" / "index.json")["num_rows"] == read_json(
+        run / "embeddings" / "query_0" / "index.json")["num_rows"]
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "embeddings" / "pool").glob("shard_*.npy")} == shards
+
+
 def _reshard(source: Path, target: Path, rows_per_shard: int) -> Path:
     """Write the reference pool embeddings in another extractor's shard layout (docs/curation.md)."""
     index = read_json(source / "index.json")
@@ -259,6 +392,31 @@ def test_slurm_two_task_cluster_arrays_equal_single_process(slurm_cluster, refer
             _wait_done(job, timeout_s=120)
     assert [job.result() for job in arrays[-2]] == ["cluster/assign[0]", "cluster/assign[1]"]
     assert (out / "cluster" / "hierarchy.npz").read_bytes() == (reference / "cluster" / "hierarchy.npz").read_bytes()
+
+
+
+@pytest.mark.timeout(300)
+def test_slurm_two_task_retrieve_arrays_equal_single_process(slurm_cluster, with_queries, tmp_path):  # noqa: F811
+    """Sample-mode retrieval as chained Slurm arrays (knn: 2 tasks) gives the one-process bytes."""
+    from test_slurm import _wait_done
+
+    from dinov2_repro.curation.runner import run
+    from dinov2_repro.launch.options import LauncherOptions
+
+    source, queries = with_queries
+    single, out = tmp_path / "single", tmp_path / "slurm_run"
+    for run_dir in (single, out):  # the query run without any retrieval output
+        shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("retrieve"))
+    run_stage(_cfg(single, *queries, *RETRIEVAL["sample"]), "retrieve")
+    options = LauncherOptions(launcher="slurm", timeout_min=20, mem_gb=2.0, job_name="dinov2_repro_curate_test",
+                              slurm_output_dir=str(tmp_path / "slurm" / "%j"))
+    arrays = run(_cfg(out, *queries, *RETRIEVAL["sample"]), ["retrieve"], launcher="slurm", num_shards=2, options=options)
+    assert [len(a) for a in arrays] == [1, 2, 1]  # knn_train, the 2-task knn array, merge
+    for array in arrays:
+        for job in array:
+            _wait_done(job, timeout_s=120)
+    assert [job.result() for job in arrays[1]] == ["retrieve/knn[0]", "retrieve/knn[1]"]
+    assert (out / "retrieve" / "selected.json").read_bytes() == (single / "retrieve" / "selected.json").read_bytes()
 
 
 from test_slurm import slurm_cluster  # noqa: E402,F401  (fixture)
