@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,25 +44,6 @@ print(round(time.time() - start, 2), round(resource.getrusage(resource.RUSAGE_SE
 """
 
 
-def prepare(run: Path, embeddings: Path, keys: list[str]) -> Path:
-    """A run folder whose pool embeddings point at the shared synthetic shards; every row selected."""
-    from dinov2_repro.curation.config import load_curation_config
-    from dinov2_repro.curation.fingerprint import record_stage
-    from dinov2_repro.curation.io import atomic_write_json, read_json
-    from dinov2_repro.curation.paths import write_selected
-    from dinov2_repro.curation.runner import frozen_config
-
-    index = read_json(embeddings / "index.json")
-    index["shards"] = [{**s, "file": str(embeddings / s["file"])} for s in index["shards"]]
-    atomic_write_json(run / "embeddings" / "pool" / "index.json", index)
-    rows = np.arange(index["num_rows"])
-    write_selected(run / "dedup" / "selected.json", "dedup", rows, {int(r): "kept" for r in rows}, {})
-    cfg = load_curation_config(None, [f"output_dir={run}", *keys])
-    record_stage(cfg, "embed", [])
-    record_stage(cfg, "dedup", ["embed"])
-    return frozen_config(cfg)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=300_000)
@@ -74,8 +53,8 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cluster_shards_cpu.json"))
     args = parser.parse_args()
     from curation_scale import synthetic
+    from sharded_stage import prepare_run, run_in_ram, run_stage_tasks, write_result
 
-    from dinov2_repro.curation.config import load_curation_config
     from dinov2_repro.curation.stages_cluster import CLUSTER
 
     keys = ["num_threads=1", "embed.progress=false", f"cluster.shard_size={args.shard_size}"]
@@ -85,44 +64,22 @@ def main() -> int:
         tmp = Path(tmp)
         embeddings = synthetic(tmp / "embeddings", args.rows, args.dim)
         reference = tmp / "in_ram"
-        prepare(reference, embeddings, keys)
-        out = subprocess.run([sys.executable, "-c", IN_RAM, str(tmp / "labels.npy"), f"output_dir={reference}", *keys],
-                             check=True, env=env, capture_output=True, text=True).stdout.split()
-        result["in_ram_one_task"] = {"seconds": float(out[0]), "peak_rss_mb": float(out[1]), "imports_only_rss_mb": float(out[2])}
+        prepare_run(reference, {"pool": embeddings}, keys)
+        result["in_ram_one_task"] = run_in_ram(IN_RAM, tmp / "labels.npy", reference, keys, env)
         print(json.dumps(result["in_ram_one_task"]), flush=True)
         first = None
         for n in args.shards:
             run = tmp / f"n{n}"
-            config = prepare(run, embeddings, keys)
-            cfg = load_curation_config(None, [f"output_dir={run}", *keys])
-            start = time.time()
-            for phase in CLUSTER.phase_list(cfg):
-                for shard in range(n if phase.sharded else 1):
-                    subprocess.run([sys.executable, "-m", "dinov2_repro.curation.runner", str(config), "cluster", phase.name, str(n)],
-                                   check=True, env={**env, "RANK": str(shard), "WORLD_SIZE": str(n)},
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wall = time.time() - start
-            (work,) = (run / "cluster" / "work").iterdir()
-            tasks = {p.stem: json.loads(p.read_text()) for p in sorted((work / "done").iterdir())}
+            config = prepare_run(run, {"pool": embeddings}, keys)
+            entry = run_stage_tasks(CLUSTER, config, run, keys, n, env)
             hierarchy = (run / "cluster" / "hierarchy.npz").read_bytes()
             first = first or hierarchy
             labels = np.load(run / "cluster" / "hierarchy.npz")["labels_0"]
-            result["runs"][str(n)] = {
-                "wall_seconds_tasks_one_after_another": round(wall, 1),
-                "task_seconds_sum": round(sum(t["seconds"] for t in tasks.values()), 2),
-                "max_task_peak_rss_mb": max(t["peak_rss_mb"] for t in tasks.values()),
-                "tasks": {name: {"seconds": t["seconds"], "peak_rss_mb": t["peak_rss_mb"]} for name, t in tasks.items()},
-                "hierarchy_identical_to_first": hierarchy == first,
-                "labels_equal_in_ram": bool(np.array_equal(labels, np.load(tmp / "labels.npy")))}
-            print(n, json.dumps({k: v for k, v in result["runs"][str(n)].items() if k != "tasks"}), flush=True)
-    import torch
-    from backbone import machine_description
-
-    result["machine"] = {**machine_description(torch.device("cpu")), "numpy": np.__version__,
-                         "note": "shared machine: 2 cores used by several engineers at once; times are under load"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+            entry["hierarchy_identical_to_first"] = hierarchy == first
+            entry["labels_equal_in_ram"] = bool(np.array_equal(labels, np.load(tmp / "labels.npy")))
+            result["runs"][str(n)] = entry
+            print(n, json.dumps({k: v for k, v in entry.items() if k != "tasks"}), flush=True)
+    write_result(result, args.out)
     return 0
 
 

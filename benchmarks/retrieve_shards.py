@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -63,27 +61,6 @@ def query_set(pool: Path, folder: Path, num_queries: int, seed: int = 1) -> Path
     return folder
 
 
-def prepare(run: Path, embeddings: dict[str, Path], keys: list[str]) -> Path:
-    """A run folder whose pool and query embeddings point at the shared synthetic shards; every
-    pool row selected. Returns the frozen config the tasks read."""
-    from dinov2_repro.curation.config import load_curation_config
-    from dinov2_repro.curation.fingerprint import record_stage
-    from dinov2_repro.curation.io import atomic_write_json, read_json
-    from dinov2_repro.curation.paths import write_selected
-    from dinov2_repro.curation.runner import frozen_config
-
-    for name, folder in embeddings.items():
-        index = read_json(folder / "index.json")
-        index["shards"] = [{**s, "file": str(folder / s["file"])} for s in index["shards"]]
-        atomic_write_json(run / "embeddings" / name / "index.json", index)
-    rows = np.arange(read_json(embeddings["pool"] / "index.json")["num_rows"])
-    write_selected(run / "dedup" / "selected.json", "dedup", rows, {int(r): "kept" for r in rows}, {})
-    cfg = load_curation_config(None, [f"output_dir={run}", *keys])
-    record_stage(cfg, "embed", [])
-    record_stage(cfg, "dedup", ["embed"])
-    return frozen_config(cfg)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=300_000)
@@ -95,8 +72,8 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "retrieve_shards_cpu.json"))
     args = parser.parse_args()
     from curation_scale import synthetic
+    from sharded_stage import prepare_run, run_in_ram, run_stage_tasks, write_result
 
-    from dinov2_repro.curation.config import load_curation_config
     from dinov2_repro.curation.stages_retrieve import RETRIEVE
 
     mode_keys = {"sample": ["retrieve.mode=sample", "retrieve.k=4"],
@@ -114,45 +91,22 @@ def main() -> int:
                     f"retrieve.query_manifests=[{tmp / 'queries.jsonl'}]", *mode_keys[mode]]
             entry = result["modes"][mode] = {"keys": mode_keys[mode], "runs": {}}
             reference = tmp / f"{mode}_in_ram"
-            prepare(reference, embeddings, keys)
-            out = subprocess.run([sys.executable, "-c", IN_RAM, str(tmp / f"{mode}_rows.npy"), f"output_dir={reference}", *keys],
-                                 check=True, env=env, capture_output=True, text=True).stdout.split()
-            entry["in_ram_one_task"] = {"seconds": float(out[0]), "peak_rss_mb": float(out[1]), "imports_only_rss_mb": float(out[2])}
+            prepare_run(reference, embeddings, keys)
+            entry["in_ram_one_task"] = run_in_ram(IN_RAM, tmp / f"{mode}_rows.npy", reference, keys, env)
             print(mode, json.dumps(entry["in_ram_one_task"]), flush=True)
             first = None
             for n in args.shards:
                 run = tmp / f"{mode}_n{n}"
-                config = prepare(run, embeddings, keys)
-                cfg = load_curation_config(None, [f"output_dir={run}", *keys])
-                start = time.time()
-                for phase in RETRIEVE.phase_list(cfg):
-                    for shard in range(n if phase.sharded else 1):
-                        subprocess.run([sys.executable, "-m", "dinov2_repro.curation.runner", str(config), "retrieve",
-                                        phase.name, str(n)], check=True, env={**env, "RANK": str(shard), "WORLD_SIZE": str(n)},
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                wall = time.time() - start
-                (work,) = (run / "retrieve" / "work").iterdir()
-                tasks = {p.stem: json.loads(p.read_text()) for p in sorted((work / "done").iterdir())}
+                config = prepare_run(run, embeddings, keys)
+                measured = run_stage_tasks(RETRIEVE, config, run, keys, n, env)
                 selected = (run / "retrieve" / "selected.json").read_bytes()
                 first = first or selected
                 rows = json.loads(selected)["rows"]
-                entry["runs"][str(n)] = {
-                    "wall_seconds_tasks_one_after_another": round(wall, 1),
-                    "task_seconds_sum": round(sum(t["seconds"] for t in tasks.values()), 2),
-                    "max_task_peak_rss_mb": max(t["peak_rss_mb"] for t in tasks.values()),
-                    "tasks": {name: {"seconds": t["seconds"], "peak_rss_mb": t["peak_rss_mb"]} for name, t in tasks.items()},
-                    "retrieved": len(rows),
-                    "selected_identical_to_first": selected == first,
-                    "rows_equal_in_ram": rows == np.load(tmp / f"{mode}_rows.npy").tolist()}
-                print(mode, n, json.dumps({k: v for k, v in entry["runs"][str(n)].items() if k != "tasks"}), flush=True)
-    import torch
-    from backbone import machine_description
-
-    result["machine"] = {**machine_description(torch.device("cpu")), "numpy": np.__version__,
-                         "note": "shared machine: 2 cores used by several engineers at once; times are under load"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+                measured.update({"retrieved": len(rows), "selected_identical_to_first": selected == first,
+                                 "rows_equal_in_ram": rows == np.load(tmp / f"{mode}_rows.npy").tolist()})
+                entry["runs"][str(n)] = measured
+                print(mode, n, json.dumps({k: v for k, v in measured.items() if k != "tasks"}), flush=True)
+    write_result(result, args.out)
     return 0
 
 

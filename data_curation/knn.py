@@ -146,6 +146,15 @@ def brute_force_knn(queries: np.ndarray, database: np.ndarray, k: int, *, batch:
     return np.concatenate(all_scores), np.concatenate(all_ids)
 
 
+def kmeans_sample(num_rows: int, k: int, *, seed: int, max_points_per_centroid: int) -> np.ndarray:
+    """Positions of the rows k-means trains on: every row, or a seeded ``k x max_points_per_centroid``
+    subsample (the sharded stages draw it to read only those rows)."""
+    limit = max_points_per_centroid * k
+    if num_rows <= limit:
+        return np.arange(num_rows)
+    return np.sort(np.random.default_rng(seed).choice(num_rows, limit, replace=False))
+
+
 def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, max_points_per_centroid: int = 256,
            init_centroids: np.ndarray | None = None, spherical: bool = False) -> np.ndarray:
     """faiss.Kmeans with its silent subsampling made explicit: we draw the
@@ -154,11 +163,10 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, max_points_
     x = np.ascontiguousarray(x, dtype=np.float32)
     if k > len(x):
         raise ValueError(f"k-means with k={k} needs at least {k} points, got {len(x)}")
-    limit = max_points_per_centroid * k
-    if len(x) > limit:
-        rng = np.random.default_rng(seed)
-        log.info("k-means: subsampling %d of %d points (max_points_per_centroid=%d)", limit, len(x), max_points_per_centroid)
-        x = x[np.sort(rng.choice(len(x), limit, replace=False))]
+    if len(x) > max_points_per_centroid * k:
+        log.info("k-means: subsampling %d of %d points (max_points_per_centroid=%d)", max_points_per_centroid * k, len(x),
+                 max_points_per_centroid)
+        x = x[kmeans_sample(len(x), k, seed=seed, max_points_per_centroid=max_points_per_centroid)]
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=spherical,
                       max_points_per_centroid=len(x), min_points_per_centroid=1, gpu=has_faiss_gpu(), verbose=False)
     km.train(x, init_centroids=None if init_centroids is None else np.ascontiguousarray(init_centroids, dtype=np.float32))

@@ -36,15 +36,6 @@ def sample_based(pool: np.ndarray, queries: np.ndarray, k: int, *, factory: str 
     return union_of_neighbours(ids)
 
 
-def kmeans_sample(num_rows: int, k: int, *, seed: int, max_points_per_centroid: int) -> np.ndarray:
-    """Positions of the rows k-means trains on: every row, or the seeded ``k x max_points_per_centroid``
-    subsample knn.kmeans would draw from all of them."""
-    limit = max_points_per_centroid * k
-    if num_rows <= limit:
-        return np.arange(num_rows)
-    return np.sort(np.random.default_rng(seed).choice(num_rows, limit, replace=False))
-
-
 def select_from_clusters(pool_labels: np.ndarray, query_labels: np.ndarray, k: int, *, min_queries: int,
                          per_cluster: int, cap: int, seed: int = 0) -> tuple[np.ndarray, dict]:
     """Clusters holding more than ``min_queries`` queries give up to ``per_cluster`` seeded-random

@@ -70,25 +70,15 @@ def _nearest_per_centroid(labels: np.ndarray, dist: np.ndarray, pos: np.ndarray,
     return order[np.arange(len(order)) - first < r]
 
 
-def _item_paths(ctx: ShardContext, phase: str, num_items: int) -> list:
-    paths = [ctx.work / phase / f"item_{j:05d}.npz" for j in range(num_items)]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        raise RuntimeError(f"cluster: items {missing[:3]} missing under {ctx.work / phase}; re-run the {phase} shards")
-    return paths
-
-
 # ---- fit -------------------------------------------------------------------------------------
 def cluster_fit(ctx: ShardContext) -> None:
     """Level-1 k-means on a seeded sample (the sample kmeans() itself would draw from all rows)."""
-    from .knn import kmeans
+    from .knn import kmeans, kmeans_sample
 
     cfg = ctx.cfg
     rows, _ = _selection(cfg)
     k = _level1_k(cfg, len(rows))
-    limit = int(cfg.cluster.max_points_per_centroid) * k
-    rng = np.random.default_rng(int(cfg.seed))
-    picks = np.arange(len(rows)) if len(rows) <= limit else np.sort(rng.choice(len(rows), limit, replace=False))
+    picks = kmeans_sample(len(rows), k, seed=int(cfg.seed), max_points_per_centroid=int(cfg.cluster.max_points_per_centroid))
     log.info("cluster fit: k-means (k=%d) on %d of %d selected rows", k, len(picks), len(rows))
     x = embedding_store(cfg, "pool").take(rows[picks])
     centroids = kmeans(x, k, niter=int(cfg.cluster.kmeans_iters), seed=int(cfg.seed),
@@ -107,19 +97,18 @@ def _assign_items(ctx: ShardContext, step: int | None) -> None:
     centroids = _centroids_before(ctx, int(cfg.cluster.resampling_steps) if step is None else step - 1)
     r = int(cfg.cluster.resample_points)
     store = embedding_store(cfg, "pool")
-    todo = [(j, span) for j, span in ctx.mine(list(enumerate(_items(cfg, len(rows)))))
-            if not (ctx.phase_dir / f"item_{j:05d}.npz").is_file()]
+    todo = ctx.pending(_items(cfg, len(rows)))
     with Progress(sum(b - a for _, (a, b) in todo), f"cluster {ctx.phase}[{ctx.shard}/{ctx.num_shards}]", unit="row",
                   enabled=cfg.embed.progress) as progress:
         for j, (start, stop) in todo:
             labels, dist = assign(store.take(rows[start:stop]), centroids)
             labels = labels.astype(np.int64)
             if step is None:
-                atomic_save_npz(ctx.phase_dir / f"item_{j:05d}.npz", labels=labels, dist=dist)
+                atomic_save_npz(ctx.item_path(j), labels=labels, dist=dist)
             else:
                 pos = np.arange(start, stop, dtype=np.int64)
                 keep = _nearest_per_centroid(labels, dist, pos, r)
-                atomic_save_npz(ctx.phase_dir / f"item_{j:05d}.npz", labels=labels[keep], dist=dist[keep], pos=pos[keep])
+                atomic_save_npz(ctx.item_path(j), labels=labels[keep], dist=dist[keep], pos=pos[keep])
             progress.update(stop - start)
             ctx.item_done()
 
@@ -132,7 +121,7 @@ def _refit(ctx: ShardContext, step: int) -> None:
     rows, _ = _selection(cfg)
     centroids = _centroids_before(ctx, step - 1)
     k = len(centroids)
-    parts = [np.load(p) for p in _item_paths(ctx, f"assign_{step}", len(_items(cfg, len(rows))))]
+    parts = [np.load(p) for p in ctx.finished_items(f"assign_{step}", len(_items(cfg, len(rows))))]
     labels, dist, pos = (np.concatenate([p[key] for p in parts]) for key in ("labels", "dist", "pos"))
     picked = pos[_nearest_per_centroid(labels, dist, pos, int(cfg.cluster.resample_points))]
     if len(picked) < k:  # hkmeans.fit_level stops resampling here: the centroids stay
@@ -152,7 +141,7 @@ def cluster_merge(ctx: ShardContext) -> None:
     cfg = ctx.cfg
     rows, from_stage = _selection(cfg)
     centroids = _centroids_before(ctx, int(cfg.cluster.resampling_steps))
-    labels = np.concatenate([np.load(p)["labels"] for p in _item_paths(ctx, "assign", len(_items(cfg, len(rows))))])
+    labels = np.concatenate([np.load(p)["labels"] for p in ctx.finished_items("assign", len(_items(cfg, len(rows))))])
     arrays = {"rows": rows, "from_stage": np.array(from_stage), "labels_0": labels, "centroids_0": centroids}
     nodes = centroids
     for depth, k in enumerate(list(cfg.cluster.levels)[1:], start=1):

@@ -88,14 +88,13 @@ def knn_search(ctx: ShardContext) -> None:
     store = embedding_store(cfg, "pool")
     k = min(cfg.dedup.k + 1, len(store))  # +1: the query itself comes back
     template = ctx.work / "knn_train" / "index.faiss"
-    todo = [(j, r) for j, r in ctx.mine(list(enumerate(item_ranges(len(store), cfg.dedup.shard_size))))
-            if not (ctx.phase_dir / f"item_{j:05d}.npz").is_file()]
+    todo = ctx.pending(item_ranges(len(store), cfg.dedup.shard_size))
     with Progress(len(todo) * len(store), f"dedup knn[{ctx.shard}/{ctx.num_shards}]", unit="query",
                   enabled=cfg.embed.progress) as progress:
         for j, (start, stop) in todo:
             scores, ids = search_item(template, store, start, stop, k=k, nprobe=cfg.dedup.nprobe,
                                       query_batch=cfg.dedup.query_batch, progress=progress)
-            atomic_save_npz(ctx.phase_dir / f"item_{j:05d}.npz", scores=scores, ids=ids)
+            atomic_save_npz(ctx.item_path(j), scores=scores, ids=ids)
             ctx.item_done()
 
 
@@ -105,10 +104,7 @@ def merged_knn(ctx: ShardContext) -> tuple[np.ndarray, np.ndarray]:
 
     path = out(ctx.cfg, "dedup", "knn.npz")
     n = len(embedding_store(ctx.cfg, "pool"))
-    items = [ctx.work / "knn" / f"item_{j:05d}.npz" for j, _ in enumerate(item_ranges(n, ctx.cfg.dedup.shard_size))]
-    missing = [p.name for p in items if not p.is_file()]
-    if missing:
-        raise RuntimeError(f"dedup: kNN items {missing[:3]} missing under {ctx.work / 'knn'}; re-run the knn shards")
+    items = ctx.finished_items("knn", len(item_ranges(n, ctx.cfg.dedup.shard_size)))
     parts = [np.load(p, mmap_mode="r") for p in items]
     scores, ids = merge_topk([(p["scores"], p["ids"]) for p in parts], min(ctx.cfg.dedup.k + 1, n))
     atomic_save_npz(path, scores=scores, ids=ids)
@@ -131,13 +127,12 @@ def regions_embed(ctx: ShardContext) -> None:
     rows = _rows(cfg)
     load = row_loader(rows, pool_manifest(cfg).parent, list(cfg.embed.bands) if cfg.embed.bands else None)
     embed = descriptor_fn(cfg)
-    todo = [(j, batch) for j, batch in ctx.mine(list(enumerate(region_items(cfg, _readable(cfg, len(rows))))))
-            if not (ctx.phase_dir / f"item_{j:05d}.npy").is_file()]
+    todo = ctx.pending(region_items(cfg, _readable(cfg, len(rows))), suffix=".npy")
     with Progress(sum(len(b) for _, b in todo), f"dedup regions[{ctx.shard}/{ctx.num_shards}]", unit="img",
                   enabled=cfg.embed.progress) as progress:
         for j, batch in todo:
             squares = [sq for r in batch for sq in corner_squares(load(int(r)), float(cfg.dedup.verify.region_side))]
-            atomic_save_npy(ctx.phase_dir / f"item_{j:05d}.npy", np.asarray(embed(squares), dtype=np.float32))
+            atomic_save_npy(ctx.item_path(j, suffix=".npy"), np.asarray(embed(squares), dtype=np.float32))
             progress.update(len(batch))
             ctx.item_done()
 
@@ -171,7 +166,7 @@ def make_pairs(ctx: ShardContext) -> None:
     n_knn = len(src)
     if _regions_on(cfg):
         items = region_items(cfg, readable)
-        x = np.concatenate([np.load(ctx.work / "regions" / f"item_{j:05d}.npy") for j in range(len(items))]) if items else None
+        x = np.concatenate([np.load(p) for p in ctx.finished_items("regions", len(items), suffix=".npy")]) if items else None
         owner = np.repeat(np.concatenate(items), 4) if items else np.zeros(0, np.int64)
         regions = region_pairs(x, owner, k=int(section.region_k), threshold=cand_t, side=float(section.region_side))
         src, dst, cos = merge_candidates((src, dst, cos), regions)

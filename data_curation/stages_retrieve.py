@@ -62,20 +62,6 @@ def _query_sets(cfg: DictConfig) -> list[str]:
     return [f"query_{i}" for i in range(len(cfg.retrieve.query_manifests))]
 
 
-def _item_paths(ctx: ShardContext, phase: str, num_items: int) -> list:
-    paths = [ctx.work / phase / f"item_{j:05d}.npz" for j in range(num_items)]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        raise RuntimeError(f"retrieve: items {missing[:3]} missing under {ctx.work / phase}; re-run the {phase} shards")
-    return paths
-
-
-def _todo(ctx: ShardContext, num_rows: int) -> list[tuple[int, tuple[int, int]]]:
-    """This shard's items whose output is not there yet (a rerun skips finished items)."""
-    return [(j, span) for j, span in ctx.mine(list(enumerate(_items(ctx.cfg, num_rows))))
-            if not (ctx.phase_dir / f"item_{j:05d}.npz").is_file()]
-
-
 # ---- sample mode ------------------------------------------------------------------------------
 def _k(cfg: DictConfig, num_rows: int) -> int:
     return min(int(cfg.retrieve.k), num_rows)
@@ -101,7 +87,7 @@ def knn_search(ctx: ShardContext) -> None:
     pool = embedding_store(cfg, "pool")
     queries = {name: embedding_store(cfg, name) for name in _query_sets(cfg)}
     batch = int(cfg.dedup.query_batch)
-    todo = _todo(ctx, len(rows))
+    todo = ctx.pending(_items(ctx.cfg, len(rows)))
     with Progress(len(todo) * sum(len(q) for q in queries.values()), f"retrieve knn[{ctx.shard}/{ctx.num_shards}]",
                   unit="query", enabled=cfg.embed.progress) as progress:
         for j, (start, stop) in todo:
@@ -113,7 +99,7 @@ def knn_search(ctx: ShardContext) -> None:
                 found[f"scores_{name}"], found[f"ids_{name}"] = search_queries(
                     index, database, np.arange(start, stop, dtype=np.int64), store.chunks(batch), len(store),
                     k=_k(cfg, len(rows)), query_batch=batch, progress=progress)
-            atomic_save_npz(ctx.phase_dir / f"item_{j:05d}.npz", **found)
+            atomic_save_npz(ctx.item_path(j), **found)
             ctx.item_done()
 
 
@@ -121,7 +107,7 @@ def _sample_merge(ctx: ShardContext, rows: np.ndarray) -> dict[str, tuple[np.nda
     from .retrieve import union_of_neighbours
     from .sharded_knn import merge_topk
 
-    parts = [np.load(p) for p in _item_paths(ctx, "knn", len(_items(ctx.cfg, len(rows))))]
+    parts = [np.load(p) for p in ctx.finished_items("knn", len(_items(ctx.cfg, len(rows))))]
     result = {}
     for name in _query_sets(ctx.cfg):
         _, ids = merge_topk([(p[f"scores_{name}"], p[f"ids_{name}"]) for p in parts], _k(ctx.cfg, len(rows)))
@@ -136,8 +122,8 @@ def _num_clusters(cfg: DictConfig, num_rows: int) -> int:
 
 def cluster_fit(ctx: ShardContext) -> None:
     """k-means on the seeded sample of selected rows (read from the memory-mapped embeddings)."""
-    from .knn import kmeans
-    from .retrieve import KMEANS_ITERS, kmeans_sample
+    from .knn import kmeans, kmeans_sample
+    from .retrieve import KMEANS_ITERS
 
     cfg = ctx.cfg
     rows = _selection(cfg)
@@ -158,12 +144,12 @@ def cluster_assign(ctx: ShardContext) -> None:
     rows = _selection(cfg)
     centroids = np.load(ctx.work / "fit" / "centroids.npy")
     pool = embedding_store(cfg, "pool")
-    todo = _todo(ctx, len(rows))
+    todo = ctx.pending(_items(ctx.cfg, len(rows)))
     with Progress(sum(b - a for _, (a, b) in todo), f"retrieve assign[{ctx.shard}/{ctx.num_shards}]", unit="row",
                   enabled=cfg.embed.progress) as progress:
         for j, (start, stop) in todo:
             labels, _ = assign(pool.take(rows[start:stop]), centroids)
-            atomic_save_npz(ctx.phase_dir / f"item_{j:05d}.npz", labels=labels.astype(np.int64))
+            atomic_save_npz(ctx.item_path(j), labels=labels.astype(np.int64))
             progress.update(stop - start)
             ctx.item_done()
 
@@ -174,7 +160,7 @@ def _cluster_merge(ctx: ShardContext, rows: np.ndarray) -> dict[str, tuple[np.nd
 
     cfg = ctx.cfg
     centroids = np.load(ctx.work / "fit" / "centroids.npy")
-    labels = np.concatenate([np.load(p)["labels"] for p in _item_paths(ctx, "assign", len(_items(cfg, len(rows))))])
+    labels = np.concatenate([np.load(p)["labels"] for p in ctx.finished_items("assign", len(_items(cfg, len(rows))))])
     result = {}
     for name in _query_sets(cfg):
         store = embedding_store(cfg, name)

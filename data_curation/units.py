@@ -59,6 +59,25 @@ class ShardContext:
         """This shard's items: i, i + N, i + 2N, ... (items are fixed by the config, not by N)."""
         return [item for j, item in enumerate(items) if j % self.num_shards == self.shard]
 
+    def item_path(self, j: int, *, phase: str | None = None, suffix: str = ".npz") -> Path:
+        """The output file of item ``j`` of ``phase`` (default: this task's phase)."""
+        folder = self.phase_dir if phase is None else self.work / phase
+        return folder / f"item_{j:05d}{suffix}"
+
+    def pending(self, items: Sequence, *, suffix: str = ".npz") -> list[tuple[int, object]]:
+        """This shard's ``(j, item)`` whose output is not written yet: a rerun skips finished items."""
+        return [(j, item) for j, item in self.mine(list(enumerate(items))) if not self.item_path(j, suffix=suffix).is_file()]
+
+    def finished_items(self, phase: str, num_items: int, *, suffix: str = ".npz") -> list[Path]:
+        """The outputs of all ``num_items`` items of ``phase`` (what a merge reads); one line naming
+        the missing ones otherwise."""
+        paths = [self.item_path(j, phase=phase, suffix=suffix) for j in range(num_items)]
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            raise RuntimeError(f"{self.stage}: {phase} items {missing[:3]} missing under {self.work / phase}; "
+                               f"re-run the {phase} shards")
+        return paths
+
     def item_done(self) -> None:
         """Call after each item: the test hook that simulates a shard killed partway."""
         if os.environ.get(FAIL_SHARD_ENV) == f"{self.stage}:{self.phase}:{self.shard}":

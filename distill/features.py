@@ -80,16 +80,20 @@ def teacher_features(teacher: nn.Module, crops: Tensor) -> dict[str, Tensor]:
     return {"cls": out["x_norm_clstoken"], "patches": patches, "grid": grid_of(patches, *sized.shape[-2:])}
 
 
+def patch_feature_loss(student_out: dict[str, Tensor], crop_hw: tuple[int, int], target: dict[str, Tensor],
+                       student: nn.ModuleDict, kind: str) -> Tensor:
+    """The patch loss of one crop set: the student's projected patch tokens vs the teacher's patch
+    map of the same crops, resampled onto the student's grid."""
+    s_patches = student_out["x_norm_patchtokens"]
+    t_patches = resample_patch_tokens(target["patches"], target["grid"], grid_of(s_patches, *crop_hw))
+    return feature_loss(student.patch_proj(s_patches), t_patches, kind)
+
+
 def crop_feature_losses(student_out: dict[str, Tensor], crop_hw: tuple[int, int], target: dict[str, Tensor],
                         student: nn.ModuleDict, kind: str) -> tuple[Tensor, Tensor]:
-    """(CLS loss, patch loss) of one crop set: the student's projected tokens vs the teacher's,
-    the teacher's patch map resampled onto the student's grid."""
-    s_patches = student_out["x_norm_patchtokens"]
-    s_grid = grid_of(s_patches, *crop_hw)
-    t_patches = resample_patch_tokens(target["patches"], target["grid"], s_grid)
+    """(CLS loss, patch loss) of one crop set against the teacher's tokens of the same crops."""
     cls = feature_loss(student.cls_proj(student_out["x_norm_clstoken"]), target["cls"], kind)
-    patches = feature_loss(student.patch_proj(s_patches), t_patches, kind)
-    return cls, patches
+    return cls, patch_feature_loss(student_out, crop_hw, target, student, kind)
 
 
 def multicrop_cls_loss(student_cls: Tensor, teacher_cls: Tensor, num_images: int, kind: str) -> Tensor:

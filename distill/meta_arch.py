@@ -30,7 +30,7 @@ from dinov2_repro.train.meta_arch import SSLMetaArch, _head, build_backbone
 from dinov2_repro.train.optim import build_param_groups
 
 from .config import StudentSpec, student_specs, teacher_config
-from .features import crop_feature_losses, multicrop_cls_loss, projection_heads, teacher_features
+from .features import crop_feature_losses, multicrop_cls_loss, patch_feature_loss, projection_heads, teacher_features
 
 logger = logging.getLogger("dinov2_repro")
 
@@ -287,13 +287,15 @@ class DistillMetaArch(nn.Module):
         total, terms = None, {}
         for name, student in self.students.items():
             outputs = student.backbone(crop_sets, [None] * len(crop_sets), is_training=True)  # one packed pass
-            cls_loss = patch_loss = 0.0
-            for out, crops, target in zip(outputs, crop_sets, targets):
-                cls, patches = crop_feature_losses(out, tuple(crops.shape[-2:]), target, student, kind)
-                cls_loss, patch_loss = cls_loss + cls / len(targets), patch_loss + patches / len(targets)
-            if multicrop:
+            if multicrop:  # CLS of every crop against both global crops; patches on the global crops
                 student_cls = student.cls_proj(torch.cat([out["x_norm_clstoken"] for out in outputs]))
                 cls_loss = multicrop_cls_loss(student_cls, targets[0]["cls"], num_images, kind)
+                patch_loss = patch_feature_loss(outputs[0], tuple(global_crops.shape[-2:]), targets[0], student, kind)
+            else:
+                cls_loss = patch_loss = 0.0
+                for out, crops, target in zip(outputs, crop_sets, targets):
+                    cls, patches = crop_feature_losses(out, tuple(crops.shape[-2:]), target, student, kind)
+                    cls_loss, patch_loss = cls_loss + cls / len(targets), patch_loss + patches / len(targets)
             loss = cls_loss + patch_weight * patch_loss
             total = loss if total is None else total + loss
             terms.update({f"{name}/cls_feature_loss": cls_loss.detach(), f"{name}/patch_feature_loss": patch_loss.detach(),
