@@ -3,7 +3,7 @@ file>`` runs head-free feature distillation (distill.method=features) through th
 a patch-16 teacher teaches a patch-14 student and the reverse (the teacher's patch map is
 resampled onto the student's grid); bad input fails with one line; the released-weight recipes
 load and plan. The teachers are random exports: these tests are about the machinery; the
-learning evidence is benchmarks/distill_released.py (benchmarks/results/distill_released_cpu.json)."""
+learning evidence is benchmarks/distill_released.py (results in benchmarks/results/distill_released_cpu*.json)."""
 from __future__ import annotations
 
 import json
