@@ -357,13 +357,19 @@ def test_eval_knn_names_a_band_mismatch(tmp_path, capsys):
 def test_stop_request_records_the_first_signal_and_yields_to_a_second():
     from dinov2_repro.distributed.signals import StopRequest
 
-    stop = StopRequest().install()
+    # A process started in the background (nohup, `cmd &` without job control) inherits SIGINT
+    # ignored, and StopRequest rightly leaves an ignored signal alone: start from Python's default.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        assert stop.agreed() is None
-        signal.raise_signal(signal.SIGINT)
-        assert stop.agreed() == signal.SIGINT  # recorded, not raised
-        with pytest.raises(KeyboardInterrupt):  # the second one reaches Python's own handler
+        stop = StopRequest().install()
+        try:
+            assert stop.agreed() is None
             signal.raise_signal(signal.SIGINT)
+            assert stop.agreed() == signal.SIGINT  # recorded, not raised
+            with pytest.raises(KeyboardInterrupt):  # the second one reaches Python's own handler
+                signal.raise_signal(signal.SIGINT)
+        finally:
+            stop.restore()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
-        stop.restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, inherited)
