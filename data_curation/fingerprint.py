@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .io import atomic_write_json, read_json
+from .io import atomic_write_json, read_json, resolve_resource
 
 # Config sections each stage's result depends on. The embed stage embeds the reference and query
 # sets too: a set added later must re-run it (its completion markers would otherwise skip it).
@@ -24,6 +24,12 @@ STAGE_CONFIG = {"tile": ("tile", "pool"),
                 "retrieve": ("retrieve", "dedup.index", "dedup.nprobe", "cluster.max_points_per_centroid", "seed"),
                 "cluster": ("cluster", "seed"),
                 "sample": ("sample", "seed"), "export": ("export",)}
+
+
+# The manifests a stage reads by path: their bytes count as well, so a reference or query set
+# edited in place (same path) makes the stages that read it stale and re-runs their work.
+STAGE_MANIFESTS = {"embed": ("dedup.reference_manifests", "retrieve.query_manifests"),
+                   "dedup": ("dedup.reference_manifests",), "retrieve": ("retrieve.query_manifests",)}
 
 
 class StaleStageError(ValueError):
@@ -37,10 +43,20 @@ def _digest_bytes(chunks) -> str:
     return h.hexdigest()[:16]
 
 
+def _manifest_bytes_digest(path: str) -> str | None:
+    try:
+        return _digest_bytes([resolve_resource(path).read_bytes()])
+    except (OSError, ValueError):
+        return None  # missing: the stage that reads it reports it in its own words
+
+
 def config_digest(cfg: DictConfig, stage: str) -> str:
+    """Digest of the config sections ``stage`` depends on and of the manifests it reads."""
     parts = {key: OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)
              if isinstance(OmegaConf.select(cfg, key), DictConfig) else OmegaConf.select(cfg, key)
              for key in STAGE_CONFIG[stage]}
+    for key in STAGE_MANIFESTS.get(stage, ()):
+        parts[f"{key} (bytes)"] = [_manifest_bytes_digest(str(path)) for path in OmegaConf.select(cfg, key) or []]
     return _digest_bytes([json.dumps(parts, sort_keys=True, default=str).encode()])
 
 

@@ -47,3 +47,24 @@ def test_export_refuses_stale_selections_and_names_the_stage(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", *common, "dedup.threshold=0.85", "embed.embedder=phash"]) == 1
     assert "dedup result is stale" in capsys.readouterr().err
+
+
+def test_a_manifest_edited_in_place_changes_the_fingerprint_of_every_stage_that_reads_it(tmp_path):
+    """The same path with other rows: the stages that read the set (embed and retrieve for queries;
+    embed and dedup for references) get another digest, so they are stale and re-run; the others keep theirs."""
+    from dinov2_repro.curation.config import load_curation_config
+    from dinov2_repro.curation.fingerprint import config_digest
+
+    queries, references = tmp_path / "queries.jsonl", tmp_path / "references.jsonl"
+    queries.write_text('{"path": "a.png"}\n')
+    references.write_text('{"path": "r.png"}\n')
+    cfg = load_curation_config(None, [f"output_dir={tmp_path / 'run'}", *FAST, f"retrieve.query_manifests=[{queries}]",
+                                      f"dedup.reference_manifests=[{references}]"])
+    stages = ("embed", "dedup", "retrieve", "cluster")
+    before = {stage: config_digest(cfg, stage) for stage in stages}
+    queries.write_text('{"path": "a.png"}\n{"path": "b.png"}\n')
+    after_queries = {stage: config_digest(cfg, stage) for stage in stages}
+    assert [s for s in stages if after_queries[s] != before[s]] == ["embed", "retrieve"]
+    references.write_text('{"path": "s.png"}\n')
+    after_references = {stage: config_digest(cfg, stage) for stage in stages}
+    assert [s for s in stages if after_references[s] != after_queries[s]] == ["embed", "dedup"]
