@@ -252,6 +252,23 @@ def test_two_task_job_runs_to_completion(slurm_cluster, tmp_path):
     assert torch.equal(final["x"], reference_state(6))
 
 
+def preempt(job, *, timeout_s: float = 30.0) -> None:
+    """What Slurm does on preemption: SIGTERM to every task, then the job's signal (USR2).
+
+    submitit's ``job._interrupt()`` sends the two back to back, and Slurm delivers them
+    asynchronously: a SIGTERM that lands late kills the ``scontrol requeue`` the USR2 handler has
+    just started (seen under load). So USR2 goes only once every task has logged the SIGTERM."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    tasks = job._sub_jobs or [job]
+    subprocess.check_call(["scancel", job.job_id, "--signal", "SIGTERM"])
+    deadline = time.monotonic() + timeout_s
+    while not all("Bypassing signal SIGTERM" in (task.stderr() or "") for task in tasks):
+        assert time.monotonic() < deadline, f"SIGTERM not seen by every task after {timeout_s} s:\n{job.stderr()}"
+        time.sleep(0.1)
+    subprocess.check_call(["scancel", job.job_id, "--signal", SlurmJobEnvironment.USR_SIG])
+
+
 @pytest.mark.timeout(180)
 def test_preempted_job_is_requeued_and_resumes_from_last_checkpoint(slurm_cluster, tmp_path):
     iters = 20
@@ -264,8 +281,7 @@ def test_preempted_job_is_requeued_and_resumes_from_last_checkpoint(slurm_cluste
         if last.exists():
             seen = torch.load(last)["iteration"]
         time.sleep(0.2)
-    # What Slurm does on preemption: SIGTERM, then the job's signal (USR2) to every task.
-    job._interrupt()
+    preempt(job)
     _wait_done(job, timeout_s=150)
     assert job.results() == [0, 0]
 

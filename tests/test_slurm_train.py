@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from test_scale_out import cli, train_args
-from test_slurm import _options, _wait_done, slurm_cluster  # noqa: F401  (fixture)
+from test_slurm import _options, _wait_done, preempt, slurm_cluster  # noqa: F401  (fixture)
 
 from dinov2_repro.train.checkpoint import last_checkpoint, load_model_state, read_meta
 from dinov2_repro.train.meta_arch import SSLMetaArch
@@ -83,7 +83,7 @@ def test_preempted_training_requeues_resumes_and_matches_uninterrupted(slurm_clu
             pass  # pointer replaced while reading
         time.sleep(0.1)
     assert seen < 2 * epochs, "the job finished before it could be preempted"
-    job._interrupt()  # what Slurm does on preemption: SIGTERM, then USR2 to every task
+    preempt(job)  # what Slurm does on preemption: SIGTERM, then USR2 to every task
     _wait_done(job, timeout_s=240)
 
     assert slurm_job_info(job.job_id).get("Restarts") == "1"
