@@ -26,21 +26,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-IN_RAM = """
-import resource, sys, time, numpy as np
-from dinov2_repro.curation.config import load_curation_config
+IN_RAM_IMPORTS = """
 from dinov2_repro.curation.hkmeans import hierarchical_kmeans
-from dinov2_repro.curation.paths import embeddings_in_ram, setup_threads
-cfg = load_curation_config(None, sys.argv[2:])
-setup_threads(cfg)
-imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-start = time.time()
+from dinov2_repro.curation.paths import embeddings_in_ram
+"""
+IN_RAM = """
 c = cfg.cluster
 h = hierarchical_kmeans(embeddings_in_ram(cfg, "pool"), list(c.levels), resampling_steps=c.resampling_steps,
                         resample_points=c.resample_points, niter=c.kmeans_iters, seed=cfg.seed,
                         max_points_per_centroid=c.max_points_per_centroid)
-np.save(sys.argv[1], h.labels[0])
-print(round(time.time() - start, 2), round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), round(imported, 1))
+result = h.labels[0]
 """
 
 
@@ -65,7 +60,7 @@ def main() -> int:
         embeddings = synthetic(tmp / "embeddings", args.rows, args.dim)
         reference = tmp / "in_ram"
         prepare_run(reference, {"pool": embeddings}, keys)
-        result["in_ram_one_task"] = run_in_ram(IN_RAM, tmp / "labels.npy", reference, keys, env)
+        result["in_ram_one_task"] = run_in_ram(IN_RAM_IMPORTS, IN_RAM, tmp / "labels.npy", reference, keys, env)
         print(json.dumps(result["in_ram_one_task"]), flush=True)
         first = None
         for n in args.shards:

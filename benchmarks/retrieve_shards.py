@@ -26,15 +26,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-IN_RAM = """
-import resource, sys, time, numpy as np
-from dinov2_repro.curation.config import load_curation_config
-from dinov2_repro.curation.paths import embeddings_in_ram, read_selected, setup_threads
+IN_RAM_IMPORTS = """
+from dinov2_repro.curation.paths import embeddings_in_ram, read_selected
 from dinov2_repro.curation.retrieve import cluster_based, sample_based
-cfg = load_curation_config(None, sys.argv[2:])
-setup_threads(cfg)
-imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-start = time.time()
+"""
+IN_RAM = """
 rows = np.array(read_selected(cfg, "dedup")["rows"], dtype=np.int64)
 x, q, r = embeddings_in_ram(cfg, "pool", rows), embeddings_in_ram(cfg, "query_0"), cfg.retrieve
 if r.mode == "sample":
@@ -42,8 +38,7 @@ if r.mode == "sample":
 else:
     local, _ = cluster_based(x, q, num_clusters=r.num_clusters, min_queries=r.min_queries, per_cluster=r.per_cluster,
                              cap=r.cap_per_query_set, seed=cfg.seed, max_points_per_centroid=cfg.cluster.max_points_per_centroid)
-np.save(sys.argv[1], np.sort(rows[local]))
-print(round(time.time() - start, 2), round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), round(imported, 1))
+result = np.sort(rows[local])
 """
 
 
@@ -92,7 +87,7 @@ def main() -> int:
             entry = result["modes"][mode] = {"keys": mode_keys[mode], "runs": {}}
             reference = tmp / f"{mode}_in_ram"
             prepare_run(reference, embeddings, keys)
-            entry["in_ram_one_task"] = run_in_ram(IN_RAM, tmp / f"{mode}_rows.npy", reference, keys, env)
+            entry["in_ram_one_task"] = run_in_ram(IN_RAM_IMPORTS, IN_RAM, tmp / f"{mode}_rows.npy", reference, keys, env)
             print(mode, json.dumps(entry["in_ram_one_task"]), flush=True)
             first = None
             for n in args.shards:

@@ -34,8 +34,30 @@ def prepare_run(run: Path, embeddings: dict[str, Path], keys: list[str]) -> Path
     return frozen_config(cfg)
 
 
-def run_in_ram(script: str, output: Path, run: Path, keys: list[str], env: dict) -> dict:
-    """The one-task reference ``script`` (prints seconds, peak RSS MB, imports-only RSS MB) in its own process."""
+# What every in-RAM reference script shares: the config from argv, the thread setting, the RSS
+# after the imports alone; then the body's ``result`` array saved and the timings printed.
+_IN_RAM_IMPORTS = """
+import resource, sys, time, numpy as np
+from dinov2_repro.curation.config import load_curation_config
+from dinov2_repro.curation.paths import setup_threads
+"""
+_IN_RAM_START = """
+cfg = load_curation_config(None, sys.argv[2:])
+setup_threads(cfg)
+imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+start = time.time()
+"""
+_IN_RAM_TAIL = """
+np.save(sys.argv[1], result)
+print(round(time.time() - start, 2), round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), round(imported, 1))
+"""
+
+
+def run_in_ram(imports: str, body: str, output: Path, run: Path, keys: list[str], env: dict) -> dict:
+    """The one-task reference in its own process: ``imports`` (the stage's modules; part of the
+    imports-only RSS) then ``body`` (Python with ``cfg`` and ``np`` defined), which sets ``result``,
+    an array saved at ``output``. Returns its seconds, peak RSS MB and imports-only RSS MB."""
+    script = _IN_RAM_IMPORTS + imports + _IN_RAM_START + body + _IN_RAM_TAIL
     out = subprocess.run([sys.executable, "-c", script, str(output), f"output_dir={run}", *keys],
                          check=True, env=env, capture_output=True, text=True).stdout.split()
     return {"seconds": float(out[0]), "peak_rss_mb": float(out[1]), "imports_only_rss_mb": float(out[2])}

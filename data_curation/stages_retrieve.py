@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from .fingerprint import record_stage
 from .io import atomic_save_npy, atomic_save_npz, atomic_write_json
-from .paths import embedding_store, out, read_selected, write_selected
+from .paths import embedding_store, embeddings_in_ram, out, read_selected, write_selected
 from .progress import Progress
 from .sharded_knn import item_ranges
 from .units import Phase, ShardContext, StageUnit, remove_other_work
@@ -163,8 +163,7 @@ def _cluster_merge(ctx: ShardContext, rows: np.ndarray) -> dict[str, tuple[np.nd
     labels = np.concatenate([np.load(p)["labels"] for p in ctx.finished_items("assign", len(_items(cfg, len(rows))))])
     result = {}
     for name in _query_sets(cfg):
-        store = embedding_store(cfg, name)
-        query_labels, _ = assign(store.take(np.arange(len(store))), centroids)
+        query_labels, _ = assign(embeddings_in_ram(cfg, name), centroids)
         result[name] = select_from_clusters(labels, query_labels.astype(np.int64), len(centroids),
                                             min_queries=int(cfg.retrieve.min_queries),
                                             per_cluster=int(cfg.retrieve.per_cluster),

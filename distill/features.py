@@ -100,7 +100,8 @@ def multicrop_cls_loss(student_cls: Tensor, teacher_cls: Tensor, num_images: int
     """Every student CLS (V views x B images, view-major, projected) against the teacher's CLS of
     each global crop of the same image ((2 x B, D), view-major), averaged over the (student view,
     teacher view) pairs: DINO's multi-crop pairing, without heads."""
-    student_views = student_cls.reshape(-1, num_images, student_cls.shape[-1])
-    teacher_views = teacher_cls.reshape(-1, num_images, teacher_cls.shape[-1])
-    losses = [feature_loss(s, t, kind) for s in student_views for t in teacher_views]
-    return sum(losses) / len(losses)
+    student_views = student_cls.reshape(-1, 1, num_images, student_cls.shape[-1])  # (V, 1, B, D)
+    teacher_views = teacher_cls.reshape(1, -1, num_images, teacher_cls.shape[-1])  # (1, T, B, D)
+    # Every pair has B tokens, so the mean over the broadcast (V, T, B) grid is the mean of the pair means.
+    shape = (student_views.shape[0], teacher_views.shape[1], num_images, student_cls.shape[-1])
+    return feature_loss(student_views.expand(shape), teacher_views.expand(shape), kind)
